@@ -1,0 +1,47 @@
+"""The `lorakit` command: a thin argparse front over the library, one module per sub-command.
+
+Bad input of any kind ends in one line on stderr, `lorakit: error: ...`, and exit code 2, as argparse
+does for bad flags; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lorakit.commands import rank
+
+__all__ = ["main"]
+
+COMMANDS = (rank,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit",
+        description="LoRA for PyTorch: low-rank tools, adapters, PEFT-compatible files.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args, parser)
+    except (ValueError, OSError) as error:
+        message = str(error) or type(error).__name__
+        print(f"lorakit: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

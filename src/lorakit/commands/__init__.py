@@ -1,0 +1,1 @@
+"""One module per `lorakit` sub-command, each with `add_parser(subparsers)` and the `run` it binds."""

@@ -1,0 +1,216 @@
+"""The linear algebra of rank that LoRA rests on, on torch tensors.
+
+A matrix M (m × n) has the singular value decomposition M = U Σ Vᵀ, with U (m × k) and V (n × k)
+orthonormal, k = min(m, n), and Σ = diag(σ₁ ≥ σ₂ ≥ … ≥ σ_k ≥ 0). Everything here reads off Σ:
+
+- rank: how many σᵢ stand above round-off (numpy's rule), not how many are exactly non-zero.
+- effective rank (Roy & Vetterli 2007): exp of the entropy of σ / Σσ, a smooth "how many directions matter".
+- energy: the fraction of ‖M‖_F² = Σσᵢ² that the first k directions hold.
+- approx / factors: by Eckart–Young, keeping the top r triplets is the best rank-r approximation, and its
+  two factors B (m × r) and A (r × n) are exactly the shapes of a LoRA update ΔW = B A.
+- pinv: the Moore–Penrose pseudo-inverse, V Σ⁺ Uᵀ.
+- subspace_similarity: how much two adapters' top directions overlap (LoRA paper, section 7).
+
+A worked example: [[1, 2, 3], [2, 4, 6], [1, 3, 5]] has singular values 10.2330, 0.5353 and 0, so rank 2
+(the second row is twice the first). Inputs may be float32 or float64 on any device; integer inputs are
+promoted to float64 and half-precision ones computed in float32. When only the top r triplets of a large
+matrix are needed, `truncated_svd` switches to the randomized SVD (Halko et al. 2011, torch.svd_lowrank).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "approx",
+    "approx_error",
+    "effective_rank",
+    "energy",
+    "factors",
+    "pinv",
+    "rank",
+    "rank_for_energy",
+    "singular_values",
+    "subspace_similarity",
+    "truncated_svd",
+]
+
+SVDMethod = Literal["auto", "exact", "randomized"]
+
+# `truncated_svd(method="auto")` goes randomized only when it clearly pays: a big matrix and a small r.
+RANDOMIZED_MIN_DIM = 1024
+RANDOMIZED_MAX_RANK_FRACTION = 0.1
+RANDOMIZED_OVERSAMPLE = 10
+
+
+def as_matrix(M: torch.Tensor, name: str = "matrix") -> torch.Tensor:
+    """Checks that M is a finite 2-D tensor and returns it in a dtype the SVD accepts."""
+    if not isinstance(M, torch.Tensor):
+        M = torch.as_tensor(M)
+    if M.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got a tensor of shape {tuple(M.shape)}")
+    if M.is_complex():
+        raise ValueError(f"{name} must be real, got dtype {M.dtype}")
+    if not M.is_floating_point():
+        M = M.to(torch.float64)
+    elif M.dtype in (torch.float16, torch.bfloat16):
+        M = M.to(torch.float32)
+    if M.numel() and not torch.isfinite(M).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return M
+
+
+def _check_rank_arg(r: int, M: torch.Tensor) -> None:
+    limit = min(M.shape)
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= limit:
+        raise ValueError(f"rank r must be an integer in [0, {limit}] for a {tuple(M.shape)} matrix, got {r!r}")
+
+
+def singular_values(M: torch.Tensor) -> torch.Tensor:
+    """All min(m, n) singular values of M, descending."""
+    return torch.linalg.svdvals(as_matrix(M))
+
+
+def default_tolerance(S: torch.Tensor, shape: tuple[int, ...]) -> float:
+    """numpy's `matrix_rank` threshold: σ_max · max(m, n) · eps of the dtype."""
+    if S.numel() == 0:
+        return 0.0
+    return float(S.max()) * max(shape) * torch.finfo(S.dtype).eps
+
+
+def rank(M: torch.Tensor, tol: float | None = None) -> int:
+    """Numerical rank: the number of singular values above `tol` (default: numpy's rule)."""
+    M = as_matrix(M)
+    S = torch.linalg.svdvals(M)
+    tol = default_tolerance(S, M.shape) if tol is None else tol
+    return int((S > tol).sum())
+
+
+def effective_rank(M: torch.Tensor) -> float:
+    """Roy & Vetterli (2007): exp(H(p)) with p = σ / Σσ. Between 1 and rank(M); 0 for the zero matrix."""
+    S = singular_values(M)
+    total = S.sum()
+    if total == 0:
+        return 0.0
+    p = S / total
+    p = p[p > 0]
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+def energy(M: torch.Tensor) -> torch.Tensor:
+    """e[k-1] = (σ₁² + … + σ_k²) / Σσᵢ²: non-decreasing, last element exactly 1.
+
+    The zero matrix has no energy to share out; its curve is all ones (nothing is missing at any k).
+    """
+    S = singular_values(M)
+    squares = S.square()
+    total = squares.sum()
+    if total == 0:
+        return torch.ones_like(S)
+    # round-off can push the partial sums a hair past 1 before the end: clamp, and make the last exact
+    curve = (squares.cumsum(0) / total).clamp_(max=1.0)
+    curve[-1] = 1.0
+    return curve
+
+
+def rank_for_energy(M: torch.Tensor, fraction: float) -> int:
+    """The smallest k whose top-k directions hold at least `fraction` of the energy (0 for the zero matrix)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"energy fraction must be in (0, 1], got {fraction}")
+    curve = energy(M)
+    if curve.numel() == 0 or singular_values(M).max() == 0:
+        return 0
+    return min(int((curve < fraction).sum()) + 1, curve.numel())
+
+
+def truncated_svd(
+    M: torch.Tensor, r: int, method: SVDMethod = "auto", niter: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top r singular triplets: U_r (m × r), S_r (r,), Vh_r (r × n).
+
+    method="exact" runs the full thin SVD; "randomized" runs torch.svd_lowrank with `niter` subspace
+    iterations and some oversampling; "auto" picks randomized for large matrices and small r.
+    """
+    M = as_matrix(M)
+    _check_rank_arg(r, M)
+    if method not in ("auto", "exact", "randomized"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
+    small_side = min(M.shape)
+    if method == "auto":
+        big = small_side >= RANDOMIZED_MIN_DIM and r <= RANDOMIZED_MAX_RANK_FRACTION * small_side
+        method = "randomized" if big else "exact"
+    if method == "randomized" and r > 0:
+        q = min(r + RANDOMIZED_OVERSAMPLE, small_side)
+        U, S, V = torch.svd_lowrank(M, q=q, niter=niter)
+        return U[:, :r], S[:r], V[:, :r].mT
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[:, :r], S[:r], Vh[:r]
+
+
+def approx(M: torch.Tensor, r: int, method: SVDMethod = "auto") -> torch.Tensor:
+    """The best rank-r approximation of M in Frobenius and spectral norm (Eckart–Young)."""
+    U, S, Vh = truncated_svd(M, r, method)
+    return (U * S) @ Vh
+
+
+def approx_error(M: torch.Tensor, r: int) -> float:
+    """‖M − approx(M, r)‖_F = sqrt(σ_{r+1}² + … + σ_k²)."""
+    M = as_matrix(M)
+    _check_rank_arg(r, M)
+    return float(torch.linalg.svdvals(M)[r:].square().sum().sqrt())
+
+
+def factors(
+    M: torch.Tensor, r: int, split: Literal["sqrt", "left"] = "sqrt", method: SVDMethod = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-shaped factors (B, A), B (m × r) and A (r × n), with B @ A = approx(M, r).
+
+    split="sqrt": B = U_r √Σ_r, A = √Σ_r V_rᵀ (balanced, as PiSSA uses them).
+    split="left": B = U_r Σ_r, A = V_rᵀ (A has orthonormal rows).
+    """
+    U, S, Vh = truncated_svd(M, r, method)
+    if split == "sqrt":
+        root = S.sqrt()
+        return U * root, root[:, None] * Vh
+    if split == "left":
+        return U * S, Vh
+    raise ValueError(f"split must be 'sqrt' or 'left', got {split!r}")
+
+
+def pinv(M: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    """Moore–Penrose pseudo-inverse V Σ⁺ Uᵀ (n × m).
+
+    Singular values at or below rtol · σ_max count as zero; the default rtol, max(m, n) · eps, is the
+    same threshold `rank` uses, so pinv inverts exactly the directions rank counts.
+    """
+    M = as_matrix(M)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    if rtol is None:
+        cutoff = default_tolerance(S, M.shape)
+    else:
+        cutoff = rtol * (float(S.max()) if S.numel() else 0.0)
+    keep = S > cutoff
+    S_inv = torch.where(keep, 1 / torch.where(keep, S, torch.ones_like(S)), torch.zeros_like(S))
+    return (Vh.mT * S_inv) @ U.mT
+
+
+def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> float:
+    """φ(A1, A2, i, j) = ‖U_iᵀ U_j‖_F² / min(i, j) (Hu et al. 2021, section 7), in [0, 1].
+
+    U_i holds the top-i right singular vectors of A1 (r1 × n), U_j the top-j of A2 (r2 × n): 1 when one
+    subspace contains the other, 0 when they are orthogonal.
+    """
+    A1, A2 = as_matrix(A1, "A1"), as_matrix(A2, "A2")
+    if A1.shape[1] != A2.shape[1]:
+        raise ValueError(f"A1 and A2 need the same number of columns, got {tuple(A1.shape)} and {tuple(A2.shape)}")
+    for name, k, A in (("i", i, A1), ("j", j, A2)):
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(A.shape):
+            raise ValueError(f"{name} must be an integer in [1, {min(A.shape)}], got {k!r}")
+    dtype = torch.promote_types(A1.dtype, A2.dtype)
+    V1 = torch.linalg.svd(A1.to(dtype), full_matrices=False).Vh[:i]  # (i × n)
+    V2 = torch.linalg.svd(A2.to(dtype), full_matrices=False).Vh[:j]  # (j × n)
+    overlap = (V1 @ V2.mT).square().sum() / min(i, j)
+    return float(overlap.clamp(0.0, 1.0))

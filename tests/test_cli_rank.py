@@ -1,0 +1,125 @@
+"""`lorakit rank`: file formats, the worked examples, the plot, and one clear error for bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lorakit.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def json_rows(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_rank_reads_npy_and_reports_numpy_rank(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((30, 5)) @ rng.standard_normal((5, 40))
+    np.save(tmp_path / "m.npy", M)
+    code, out, _ = run_cli(capsys, "rank", str(tmp_path / "m.npy"), "--json", "--energy", "1.0")
+    assert code == 0
+    (row,) = json_rows(out)
+    assert row["shape"] == [30, 40]
+    assert row["rank"] == np.linalg.matrix_rank(M) == 5
+    assert row["rank_for_energy"] == 5
+    assert row["top_singular_values"][0] == pytest.approx(np.linalg.svd(M, compute_uv=False)[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("text", ["1,2,3\n2,4,6\n1,3,5\n", "1 2 3\n2  4 6\n\n1\t3 5\n"])
+def test_rank_reads_comma_and_whitespace_separated_text(tmp_path, capsys, text):
+    (tmp_path / "m.csv").write_text(text)
+    code, out, _ = run_cli(capsys, "rank", str(tmp_path / "m.csv"), "--json")
+    assert code == 0
+    (row,) = json_rows(out)
+    assert row["rank"] == 2
+    assert row["top_singular_values"][:2] == pytest.approx([10.2330, 0.5353], abs=1e-4)
+
+
+def test_rank_reads_every_2d_tensor_of_a_safetensors_file_or_one_key(tmp_path, capsys):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.eye(4), "b": torch.ones(3, 5), "bias": torch.ones(4)}, path)
+    code, out, _ = run_cli(capsys, "rank", str(path), "--json")
+    assert code == 0
+    rows = {row["matrix"]: row for row in json_rows(out)}
+    assert set(rows) == {"a", "b"}
+    assert rows["a"]["rank"] == 4 and rows["b"]["rank"] == 1
+    code, out, _ = run_cli(capsys, "rank", str(path), "--key", "b", "--json")
+    assert [row["matrix"] for row in json_rows(out)] == ["b"]
+
+
+def test_rank_prints_a_table_and_writes_a_png_plot(tmp_path, capsys):
+    np.save(tmp_path / "m.npy", np.eye(6))
+    plot = tmp_path / "plots" / "spectrum.png"
+    code, out, _ = run_cli(capsys, "rank", str(tmp_path / "m.npy"), "--plot", str(plot))
+    assert code == 0
+    assert "eff. rank" in out and "6 × 6" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rank_example_walks_through_the_notes(capsys):
+    code, out, _ = run_cli(capsys, "rank", "--example")
+    assert code == 0
+    assert "rank 2" in out
+    assert "10.2330, 0.5353, 0.0000" in out
+
+
+def write(tmp_path, name, content):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content)
+    elif isinstance(content, np.ndarray):
+        np.save(path, content)
+    else:
+        save_file(content, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda d: ["rank", str(d / "missing.npy")], "no such file"),
+        (lambda d: ["rank", write(d, "bad.csv", "1,2\nthree,4\n")], "non-numeric value 'three' on data line 2"),
+        (lambda d: ["rank", write(d, "ragged.csv", "1,2\n3\n")], "different lengths"),
+        (lambda d: ["rank", write(d, "v.npy", np.ones(3))], "must be 2-D"),
+        (lambda d: ["rank", write(d, "t.npy", np.ones((2, 2, 2)))], "must be 2-D"),
+        (lambda d: ["rank", write(d, "n.npy", np.array([[1.0, np.nan]]))], "NaN or inf"),
+        (lambda d: ["rank", write(d, "i.csv", "1,inf\n0,1\n")], "NaN or inf"),
+        (lambda d: ["rank", write(d, "w.safetensors", {"a": torch.eye(2)}), "--key", "nope"], "no tensor named 'nope'"),
+        (lambda d: ["rank", write(d, "v.safetensors", {"v": torch.ones(3)})], "no 2-D tensor"),
+        (lambda d: ["rank", write(d, "bad.safetensors", b"not a safetensors file")], "not a readable safetensors"),
+        (lambda d: ["rank", write(d, "m.json", "[]")], "unknown file type"),
+        (lambda d: ["rank", write(d, "m.npy", np.eye(2)), "--energy", "1.5"], "--energy must be in"),
+        (lambda d: ["rank"], "give a FILE"),
+    ],
+)
+def test_bad_input_gets_one_error_line_and_exit_code_2(tmp_path, capsys, make_args, message):
+    try:
+        code = main(make_args(tmp_path))
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("lorakit: error:")
+
+
+def test_installed_command_exits_2_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "lorakit", "rank", str(tmp_path / "missing.csv")], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"lorakit: error: no such file: {tmp_path / 'missing.csv'}"
