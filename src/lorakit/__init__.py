@@ -1,10 +1,53 @@
 """lorakit: LoRA for PyTorch.
 
 import lorakit as lk
-lk.lowrank.rank(W)            # the low-rank toolkit
+
+model = lk.inject(model, lk.LoraConfig(r=8, alpha=16, target_modules="all-linear"))
+...train...
+lk.save_adapter(model, "my-adapter")          # PEFT's file format
+lk.load_adapter(fresh_model, "my-adapter")
+
+lk.lowrank.rank(W)                            # the low-rank toolkit
 """
 
 from lorakit import lowrank
+from lorakit.config import LoraConfig
+from lorakit.files import load_adapter, save_adapter
+from lorakit.model import (
+    BASE,
+    adapter_names,
+    delete_adapter,
+    disabled,
+    forward_per_sample,
+    inject,
+    lora_state_dict,
+    merge,
+    merge_and_unload,
+    parameter_counts,
+    set_adapter,
+    unload,
+    unmerge,
+)
+from lorakit.parametrize import LoRAParametrization
 
-__all__ = ["lowrank"]
+__all__ = [
+    "BASE",
+    "LoRAParametrization",
+    "LoraConfig",
+    "adapter_names",
+    "delete_adapter",
+    "disabled",
+    "forward_per_sample",
+    "inject",
+    "load_adapter",
+    "lora_state_dict",
+    "lowrank",
+    "merge",
+    "merge_and_unload",
+    "parameter_counts",
+    "save_adapter",
+    "set_adapter",
+    "unload",
+    "unmerge",
+]
 __version__ = "0.1.0"

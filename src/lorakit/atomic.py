@@ -40,22 +40,36 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yields an empty temporary directory beside `path`; on a clean exit it replaces `path`.
 
-    The old directory is moved aside before the new one is renamed in and removed only afterwards, so
-    at every instant `path` is either the old complete directory or the new complete one (or, for a
-    moment between the two renames, absent, never half-written).
+    Entries of an existing `path` that the new directory does not have (say, checkpoints beside an
+    adapter) are moved into it first, one rename each, so nothing else in the folder is lost. The old
+    directory is then renamed aside and the new one renamed in: at every instant `path` holds the old
+    complete files or the new complete ones, never a half-written mix.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old / "previous")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not path.exists():
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    moved = []
+    try:
+        for entry in path.iterdir():
+            if not (tmp / entry.name).exists():
+                os.replace(entry, tmp / entry.name)
+                moved.append(entry.name)
+        aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+        os.replace(path, aside / "previous")
+        os.replace(tmp, path)
+    except BaseException:
+        for name in moved:  # put the other entries back where they were
+            os.replace(tmp / name, path / name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

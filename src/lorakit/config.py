@@ -1,0 +1,133 @@
+"""LoraConfig: which layers get an adapter, of what rank and scale, initialised how.
+
+Module names are the dotted paths of `model.named_modules()`. Three ways to pick target layers:
+- a list of names: a module matches when its path equals a name or ends with "." + name
+  (["q_proj", "v_proj"] hits every attention's q_proj and v_proj);
+- a string: a regular expression that must match the whole path (re.fullmatch);
+- "all-linear": every nn.Linear and transformers Conv1D except the model's output head.
+`rank_pattern` and `alpha_pattern` override r and α per layer: each key is a regular expression (a plain
+name works too) matched against the end of the path at a "." boundary, as PEFT does; the first matching key
+in sorted order wins (the order in which PEFT resolves them when it loads a saved config).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = ["ALL_LINEAR", "BIAS_MODES", "INIT_MODES", "LoraConfig", "matches_target", "pattern_value"]
+
+ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = ("kaiming", "gaussian", False)
+
+
+@dataclass
+class LoraConfig:
+    """One adapter's settings. ΔW = s · B A with s = alpha / r (alpha / √r with use_rslora).
+
+    r: rank of the update; alpha: its scale numerator; dropout: on the adapter's input only.
+    init: "kaiming" (A kaiming-uniform with a=√5, B = 0), "gaussian" (A ~ N(0, init_std²), B = 0,
+    init_std defaults to 1/r) or False (both random, a non-zero adapter for tests).
+    bias: which base biases train, "none", "all" or "lora_only" (those of adapted layers).
+    modules_to_save: modules (matched like a target list) trained as full copies, e.g. a new classifier.
+    task_type: written to the PEFT config file (e.g. "CAUSAL_LM"); "SEQ_CLS" adds the heads "classifier"
+    and "score" to modules_to_save, as PEFT does.
+    """
+
+    r: int = 8
+    alpha: float = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    dropout: float = 0.0
+    init: Literal["kaiming", "gaussian"] | bool = "kaiming"
+    init_std: float | None = None
+    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple | set):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, tuple | set):
+            self.modules_to_save = sorted(self.modules_to_save)
+        # PEFT writes the config with sorted keys and resolves patterns first-match on load, so lorakit
+        # resolves them in sorted order too: the same layer gets the same rank in memory and after a reload
+        self.rank_pattern = dict(sorted(self.rank_pattern.items()))
+        self.alpha_pattern = dict(sorted(self.alpha_pattern.items()))
+        if self.task_type == "SEQ_CLS":  # as PEFT: a classification head is trained in full
+            self.modules_to_save = list(dict.fromkeys([*(self.modules_to_save or []), "classifier", "score"]))
+        if self.target_modules is None:
+            raise ValueError("LoraConfig needs target_modules: module names, a regex string or 'all-linear'")
+        _check_rank("r", self.r)
+        _check_alpha("alpha", self.alpha)
+        for key, value in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", value)
+        for pattern in [*self.rank_pattern, *self.alpha_pattern]:
+            _check_regex(pattern)
+        if isinstance(self.target_modules, str):
+            _check_regex(self.target_modules)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init is True:
+            self.init = "kaiming"
+        if self.init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        if self.init_std is not None and not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ValueError(f"init_std must be a positive number, got {self.init_std}")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+
+    def rank_for(self, module_name: str) -> int:
+        return pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+    def scale_for(self, module_name: str) -> float:
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_regex(pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"invalid regular expression {pattern!r}: {error}") from None
+
+
+def matches_target(spec: list[str] | str | None, module_name: str) -> bool:
+    """Whether `module_name` is picked by a name list (exact or "."-suffix) or a regex (full match)."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module_name) is not None
+    return any(module_name == name or module_name.endswith("." + name) for name in spec)
+
+
+def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """The value of the first pattern that matches the end of `module_name` at a "." boundary."""
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name):
+            return value
+    return default

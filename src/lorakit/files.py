@@ -1,0 +1,225 @@
+"""Adapter files in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+A lorakit adapter loads with `PeftModel.from_pretrained`, and a directory written by PEFT's
+`save_pretrained` loads with `load_adapter`. Files are only ever read as JSON and safetensors: nothing
+is unpickled. Saving is atomic (a temporary directory renamed into place), and a load that fails for
+any reason leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.atomic import atomic_dir
+from lorakit.config import LoraConfig, matches_target
+from lorakit.layers import LoraLinear
+from lorakit.model import (
+    PEFT_PREFIX,
+    active_adapters,
+    adapter_parameters,
+    candidate_modules,
+    configs,
+    delete_adapter,
+    inject,
+    lora_layers,
+    mark_trainable,
+    set_adapter,
+)
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "config_from_peft", "load_adapter", "peft_config", "save_adapter"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+# PEFT LoRA options that change what a forward pass computes and that lorakit does not implement:
+# loading such a file silently would give wrong outputs, so it is refused.
+UNSUPPORTED_PEFT_OPTIONS = {
+    "use_dora": False,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "megatron_config": None,
+    "use_qalora": False,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+}
+
+
+def peft_config(model: nn.Module, adapter: str, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """The adapter's config as PEFT writes it in adapter_config.json."""
+    config = configs(model)[adapter]
+    paths = [path for path, layer in lora_layers(model) if adapter in layer.lora_A]
+    init = {"kaiming": True, "gaussian": "gaussian", False: False}[config.init]
+    return {
+        "peft_type": "LORA",
+        "task_type": config.task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "target_modules": exact_targets(model, paths),
+        "exclude_modules": None,
+        "lora_dropout": config.dropout,
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "init_lora_weights": init,
+        "fan_in_fan_out": any(
+            isinstance(layer, LoraLinear) and layer.fan_in_fan_out and adapter in layer.lora_A
+            for _, layer in lora_layers(model)
+        ),
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "modules_to_save": config.modules_to_save,
+        "inference_mode": True,
+    }
+
+
+def exact_targets(model: nn.Module, paths: list[str]) -> list[str]:
+    """The target list to write: the paths' last components (as PEFT writes them) when those pick exactly
+    the adapted modules and no other, else the full paths, so that any reader adapts the same layers."""
+    short = sorted({path.rsplit(".", 1)[-1] for path in paths})
+    picked = {name for name, _ in candidate_modules(model) if matches_target(short, name)}
+    return short if picked == set(paths) else sorted(paths)
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter: str = "default",
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Writes `adapter` as a PEFT adapter directory, atomically. Returns the directory."""
+    config = peft_config(model, adapter, base_model_name_or_path)
+    tensors = {key: p.detach().contiguous().cpu() for key, p in adapter_parameters(model, adapter).items()}
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return directory
+
+
+def read_adapter_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no adapter directory at {directory}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return raw
+
+
+def config_from_peft(raw: dict[str, Any], where: str = CONFIG_NAME) -> LoraConfig:
+    """A LoraConfig from the fields of a PEFT adapter_config.json."""
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type is {raw.get('peft_type')!r}; lorakit reads LoRA adapters only")
+    for option, neutral in UNSUPPORTED_PEFT_OPTIONS.items():
+        if raw.get(option, neutral) not in (neutral, [], {}):
+            raise ValueError(f"{where}: {option}={raw[option]!r} is not supported by lorakit")
+    init = raw.get("init_lora_weights", True)
+    try:
+        return LoraConfig(
+            r=raw.get("r", 8),
+            alpha=raw.get("lora_alpha", 8),
+            target_modules=raw.get("target_modules"),
+            exclude_modules=raw.get("exclude_modules"),
+            dropout=raw.get("lora_dropout", 0.0) or 0.0,
+            init="gaussian" if init == "gaussian" else "kaiming",
+            use_rslora=bool(raw.get("use_rslora", False)),
+            bias=raw.get("bias", "none"),
+            rank_pattern=raw.get("rank_pattern") or {},
+            alpha_pattern=raw.get("alpha_pattern") or {},
+            modules_to_save=raw.get("modules_to_save"),
+            task_type=raw.get("task_type"),
+        )
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = [name for name in ("adapter_model.bin", "adapter_model.pt") if (directory / name).exists()]
+        hint = f" ({pickled[0]} is a pickle, which lorakit never loads)" if pickled else ""
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}{hint}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter: str = "default", trainable: bool = False
+) -> nn.Module:
+    """Injects adapter `adapter` as described by a PEFT adapter directory and loads its weights.
+
+    The loaded adapter becomes the active one; with trainable=False its parameters are frozen. Every
+    check (missing or corrupt file, missing or unknown key, shape mismatch, NaN) runs before any weight is
+    written, and on any error the model is left exactly as it was.
+    """
+    directory = Path(directory)
+    config = config_from_peft(read_adapter_config(directory), str(directory / CONFIG_NAME))
+    tensors = read_adapter_weights(directory)
+    active = active_adapters(model)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        inject(model, config, adapter)
+        params = adapter_parameters(model, adapter)
+        params.update(saved_base_weights(model, adapter, tensors))
+        _check_tensors(tensors, params, directory / WEIGHTS_NAME)
+    except BaseException:
+        if adapter in configs(model):
+            delete_adapter(model, adapter)
+        if active:
+            set_adapter(model, active)
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        raise
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(tensors[key])
+    if trainable:
+        mark_trainable(model, adapter)
+    else:
+        for p in params.values():
+            p.requires_grad_(False)
+    return model
+
+
+def saved_base_weights(model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """PEFT saves the whole base weight of an adapted `embed_tokens` / `lm_head` beside its factors, as
+    `<path>.base_layer.weight`; such keys load into the base layer."""
+    found = {}
+    for path, layer in lora_layers(model):
+        key = f"{PEFT_PREFIX}{path}.base_layer.weight"
+        if adapter in layer.lora_A and key in tensors:
+            found[key] = layer.base.weight
+    return found
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter], path: Path) -> None:
+    missing = [key for key in params if key not in tensors]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} tensor(s) the config asks for, e.g. {missing[0]!r}")
+    unexpected = [key for key in tensors if key not in params]
+    if unexpected:
+        raise ValueError(f"{path} has {len(unexpected)} tensor(s) no module of the model takes, e.g. {unexpected[0]!r}")
+    for key, p in params.items():
+        if tuple(tensors[key].shape) != tuple(p.shape):
+            raise ValueError(
+                f"shape mismatch for {key}: the model expects {tuple(p.shape)}, {path.name} has "
+                f"{tuple(tensors[key].shape)}"
+            )
+        if not torch.isfinite(tensors[key]).all():
+            raise ValueError(f"{key} in {path.name} holds NaN or inf")

@@ -1,0 +1,346 @@
+"""LoRA layers: a frozen base module plus any number of named low-rank adapters.
+
+For a wrapped weight W (out × in) and each active adapter with factors A (r × in), B (out × r):
+
+    y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ,        s = α / r   (α / √r with rsLoRA)
+
+The low-rank path is computed factored, never as W + s·BA, so training pays for two thin matmuls and no
+out × in weight gradient. B starts at zero: a fresh adapter leaves the outputs exactly as they were.
+
+One class per kind of base layer, each saying how its update is applied and what it is as a full weight:
+- LoraLinear: nn.Linear, and transformers' Conv1D (GPT-2), whose weight is stored (in × out);
+- LoraEmbedding: A (r × num_embeddings), B (dim × r), the update looked up like an embedding;
+- LoraConv: nn.Conv1d/2d/3d, A a conv with the base's kernel, stride and padding, B a 1×1 conv.
+ModuleCopies, for `modules_to_save`, holds full trainable copies of a module, one per adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "ModuleCopies",
+    "PerSampleRouting",
+    "is_conv1d",
+    "wrap_module",
+]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and friends): a linear layer whose weight is stored transposed."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+class PerSampleRouting:
+    """Which adapter each sample of a batch uses: `index[i]` points into `names`, 0 meaning the base alone."""
+
+    def __init__(self, names: list[str], index: torch.Tensor):
+        self.names = names  # adapter names; position 0 is "__base__"
+        self.index = index  # (batch,) long
+
+
+class LoraLayer(nn.Module):
+    """A base module and its adapters. Subclasses define the update's shapes, forward and full weight."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scale: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.routing: PerSampleRouting | None = None
+
+    # -- what subclasses define --------------------------------------------------------------------
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """s · B A applied to x (dropout included), shaped like the base output."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The adapter as a full update of base.weight (same shape), scale included."""
+        raise NotImplementedError
+
+    # -- adapters ----------------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def add_adapter(
+        self, name: str, r: int, scale: float, dropout: float, init: str | bool, init_std: float | None = None
+    ) -> None:
+        shape_A, shape_B = self.factor_shapes(r)
+        weight = self.base.weight
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+        A, B = torch.empty(shape_A, **factory), torch.empty(shape_B, **factory)
+        self.init_factors(A, B, init, init_std)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.scale[name] = scale
+        self.dropout[name] = dropout
+
+    def init_factors(self, A: torch.Tensor, B: torch.Tensor, init: str | bool, init_std: float | None) -> None:
+        """A random and B zero, so that ΔW = 0; with init=False both random (a non-zero update)."""
+        r = A.shape[0]
+        if init == "gaussian":
+            nn.init.normal_(A, std=init_std if init_std is not None else 1 / r)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(B)
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        del self.lora_A[name], self.lora_B[name]
+        del self.scale[name], self.dropout[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def rank(self, name: str) -> int:
+        return self.lora_A[name].shape[0]
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.base(x, *args, **kwargs)
+        if self.disabled:
+            return y
+        if self.routing is not None:
+            if x.shape[0] != self.routing.index.numel():
+                raise ValueError(
+                    f"forward_per_sample got {self.routing.index.numel()} adapter names for a batch of {x.shape[0]}"
+                )
+            return y + self.per_sample_output(x, self.routing).to(y.dtype)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                y = y + self.adapter_output(x, name).to(y.dtype)
+        return y
+
+    def dropped(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        p = self.dropout[name]
+        x = x.to(self.lora_A[name].dtype)
+        return F.dropout(x, p, self.training) if p > 0 else x
+
+    def per_sample_output(self, x: torch.Tensor, routing: PerSampleRouting) -> torch.Tensor:
+        """Each sample through its own adapter. Default: every adapter on the whole batch, then a select."""
+        out = None
+        for position, name in enumerate(routing.names):
+            if name not in self.lora_A:
+                continue
+            chosen = (routing.index == position).view(-1, *([1] * (x.dim() - 1)))
+            delta = self.adapter_output(x, name) * chosen
+            out = delta if out is None else out + delta
+        if out is None:
+            return torch.zeros((), dtype=x.dtype, device=x.device)
+        return out
+
+    # -- merging -----------------------------------------------------------------------------------
+    def merge(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.lora_A and name not in self.merged_adapters:
+                self.base.weight.data += self.delta_weight(name).to(self.base.weight.dtype)
+                self.merged_adapters.append(name)
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        for name in list(reversed(self.merged_adapters)):
+            if names is None or name in names:
+                self.base.weight.data -= self.delta_weight(name).to(self.base.weight.dtype)
+                self.merged_adapters.remove(name)
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.rank(n)} s={self.scale[n]:g}" for n in self.lora_A)
+        return f"adapters=[{ranks}], active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class LoraLinear(LoraLayer):
+    """nn.Linear, or transformers' Conv1D (weight stored in × out): A (r × in), B (out × r)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__(base)
+        self.fan_in_fan_out = is_conv1d(base)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.out_features, self.in_features = base.weight.shape
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, self.in_features), (self.out_features, r)
+
+    def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        # (..., in) -> (..., r) -> (..., out)
+        return F.linear(F.linear(self.dropped(x, name), self.lora_A[name]), self.lora_B[name]) * self.scale[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = (self.lora_B[name] @ self.lora_A[name]) * self.scale[name]  # (out × in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def per_sample_output(self, x: torch.Tensor, routing: PerSampleRouting) -> torch.Tensor:
+        """One gather and two batched matmuls for the whole mixed batch."""
+        A, B = self.stacked_factors(routing, x)  # (n, r_max, in), (n, out, r_max)
+        batch = x.shape[0]
+        h = x.reshape(batch, -1, self.in_features).to(A.dtype)  # (batch, L, in)
+        h = self.per_sample_dropout(h, routing)
+        h = torch.bmm(h, A[routing.index].mT)  # (batch, L, r_max)
+        h = torch.bmm(h, B[routing.index].mT)  # (batch, L, out)
+        return h.reshape(*x.shape[:-1], self.out_features)
+
+    def per_sample_dropout(self, h: torch.Tensor, routing: PerSampleRouting) -> torch.Tensor:
+        p = torch.tensor([self.dropout.get(n, 0.0) for n in routing.names], device=h.device)[routing.index]
+        if not self.training or not bool((p > 0).any()):
+            return h
+        keep = (torch.rand_like(h) >= p.view(-1, 1, 1).to(h.dtype)).to(h.dtype)
+        return h * keep / (1 - p).view(-1, 1, 1).to(h.dtype)
+
+    def stacked_factors(self, routing: PerSampleRouting, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B of every routed adapter stacked, zero-padded to the largest rank, scale folded into B.
+
+        Position 0 (the base model alone) and adapters this layer does not have are all-zero factors.
+        """
+        present = [n for n in routing.names if n in self.lora_A]
+        r_max = max((self.rank(n) for n in present), default=1)
+        ref = next(iter(self.lora_A.values()))
+        A = ref.new_zeros(len(routing.names), r_max, self.in_features)
+        B = ref.new_zeros(len(routing.names), self.out_features, r_max)
+        for position, name in enumerate(routing.names):
+            if name in present:
+                r = self.rank(name)
+                A[position, :r] = self.lora_A[name]
+                B[position, :, :r] = self.lora_B[name] * self.scale[name]
+        return A, B
+
+
+class LoraEmbedding(LoraLayer):
+    """nn.Embedding (num × dim): A (r × num), B (dim × r); the update of token t is s · B A[:, t]."""
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        num, dim = self.base.weight.shape
+        return (r, num), (dim, r)
+
+    def init_factors(self, A: torch.Tensor, B: torch.Tensor, init: str | bool, init_std: float | None) -> None:
+        """As PEFT: A zero and B normal, so the update starts at zero; init=False: both normal."""
+        if init is False:
+            nn.init.normal_(A)
+        else:
+            nn.init.zeros_(A)
+        nn.init.normal_(B)
+
+    def lookup(self, tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        return F.embedding(tokens, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq)
+
+    def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        # (..., ) tokens -> (..., r) -> (..., dim); dropout does not apply to token ids
+        return self.lookup(x, self.lora_A[name].T) @ self.lora_B[name].T * self.scale[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_B[name] @ self.lora_A[name]).T * self.scale[name]  # (num × dim)
+
+    def per_sample_output(self, x: torch.Tensor, routing: PerSampleRouting) -> torch.Tensor:
+        num, dim = self.base.weight.shape
+        present = [n for n in routing.names if n in self.lora_A]
+        r_max = max((self.rank(n) for n in present), default=1)
+        ref = next(iter(self.lora_A.values()))
+        tables = ref.new_zeros(len(routing.names), num, r_max)  # every adapter's Aᵀ, one table after another
+        B = ref.new_zeros(len(routing.names), dim, r_max)
+        for position, name in enumerate(routing.names):
+            if name in present:
+                r = self.rank(name)
+                tables[position, :, :r] = self.lora_A[name].T
+                B[position, :, :r] = self.lora_B[name] * self.scale[name]
+        batch = x.shape[0]
+        tokens = x.reshape(batch, -1) + routing.index.view(-1, 1) * num  # (batch, L) into the stacked tables
+        h = F.embedding(tokens, tables.reshape(-1, r_max))  # (batch, L, r_max)
+        return torch.bmm(h, B[routing.index].mT).reshape(*x.shape, dim)
+
+
+class LoraConv(LoraLayer):
+    """nn.Conv1d/2d/3d: A (r × in × kernel) convolves like the base, B (out × r × 1…) mixes channels."""
+
+    def __init__(self, base: nn.Module):
+        if base.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported")
+        super().__init__(base)
+        self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base.weight.dim() - 2]
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        out_channels, in_channels, *kernel = self.base.weight.shape
+        return (r, in_channels, *kernel), (out_channels, r, *([1] * len(kernel)))
+
+    def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        h = self.base._conv_forward(self.dropped(x, name), self.lora_A[name], None)  # base's stride and padding
+        return self.conv(h, self.lora_B[name]) * self.scale[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        return (B.flatten(1) @ A.flatten(1)).view(self.base.weight.shape) * self.scale[name]
+
+
+class ModuleCopies(nn.Module):
+    """`modules_to_save`: the original module and a full trainable copy per adapter.
+
+    The forward pass uses the copy of the first active adapter that has one, else the original.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.routing: PerSampleRouting | None = None
+
+    def add_copy(self, name: str) -> None:
+        self.copies[name] = copy.deepcopy(self.original)
+        for p in self.copies[name].parameters():
+            p.requires_grad_(True)
+
+    def current(self) -> nn.Module:
+        if not self.disabled:
+            for name in self.active_adapters:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.original
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.routing is None or self.disabled:
+            return self.current()(*args, **kwargs)
+        # a mixed batch: each routed copy on the whole batch, then each sample takes its own row
+        out = self.original(*args, **kwargs)
+        for position, name in enumerate(self.routing.names):
+            if name in self.copies:
+                y = self.copies[name](*args, **kwargs)
+                if not isinstance(y, torch.Tensor):
+                    raise ValueError("mixed batches through modules_to_save need modules that return a tensor")
+                chosen = (self.routing.index == position).view(-1, *([1] * (y.dim() - 1)))
+                out = torch.where(chosen, y, out)
+        return out
+
+
+def wrap_module(module: nn.Module) -> LoraLayer:
+    """The LoRA layer for a supported module type, or a clear error."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return LoraLinear(module)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return LoraConv(module)
+    raise ValueError(
+        f"cannot put LoRA on a {type(module).__name__}: supported are nn.Linear, transformers Conv1D, "
+        "nn.Embedding and nn.Conv1d/2d/3d"
+    )

@@ -1,0 +1,362 @@
+"""Model surgery: put adapters into any PyTorch model, switch, merge and remove them.
+
+`inject` replaces each target module, in place, by a LoRA layer (lorakit.layers) that keeps the original
+as `.base`; every other parameter is frozen. The adapters' configs live on the model itself
+(`model.lorakit_configs`, a dict by adapter name), so a model carries everything needed to save it.
+
+    model = lk.inject(model, lk.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    lk.parameter_counts(model)        # (trainable, total)
+    with lk.disabled(model): ...      # the base model alone
+    lk.merge(model); lk.unmerge(model)
+    plain = lk.merge_and_unload(model)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.config import ALL_LINEAR, LoraConfig, matches_target
+from lorakit.layers import LoraEmbedding, LoraLayer, ModuleCopies, PerSampleRouting, is_conv1d, wrap_module
+
+__all__ = [
+    "BASE",
+    "adapter_names",
+    "adapter_parameters",
+    "delete_adapter",
+    "disabled",
+    "find_targets",
+    "forward_per_sample",
+    "inject",
+    "lora_layers",
+    "lora_state_dict",
+    "merge",
+    "merge_and_unload",
+    "parameter_counts",
+    "set_adapter",
+    "trained_biases",
+    "unload",
+    "unmerge",
+]
+
+BASE = "__base__"  # in forward_per_sample: this sample uses no adapter
+PEFT_PREFIX = "base_model.model."
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+MAX_NAMES_SHOWN = 10
+
+
+# -- looking around a model -------------------------------------------------------------------------
+
+
+def configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The configs of the model's adapters, by name (an empty dict for a plain model)."""
+    return model.__dict__.setdefault("lorakit_configs", {})
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(path, layer) for every LoRA layer in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def module_copies(model: nn.Module) -> Iterator[tuple[str, ModuleCopies]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModuleCopies):
+            yield name, module
+
+
+def candidate_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Every named module a config can target, in order: wrappers count as their path, insides are skipped."""
+    for child_name, child in model.named_children():
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        yield name, child
+        if not isinstance(child, LoraLayer | ModuleCopies):
+            yield from candidate_modules(child, name)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, LoraLayer) else module
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output layer (transformers' `get_output_embeddings`), which "all-linear" leaves alone."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            return getter()
+        except (AttributeError, NotImplementedError):
+            return None
+    return None
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The paths of the modules `config` puts adapters on; a clear error when there are none."""
+    head = output_head(model)
+    found = []
+    for name, module in candidate_modules(model):
+        base = _unwrapped(module)
+        if config.target_modules == ALL_LINEAR:
+            hit = (isinstance(base, nn.Linear) or is_conv1d(base)) and base is not head and module is not head
+        else:
+            hit = matches_target(config.target_modules, name)
+        excluded = matches_target(config.exclude_modules, name) or matches_target(config.modules_to_save, name)
+        if hit and not excluded:
+            found.append(name)
+    if not found:
+        names = [name for name, _ in candidate_modules(model)]
+        shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (", …" if len(names) > MAX_NAMES_SHOWN else "")
+        raise ValueError(f"target_modules={config.target_modules!r} matches no module; the model has: {shown}")
+    return found
+
+
+def _check_known(model: nn.Module, names: list[str]) -> None:
+    known = list(configs(model))
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown adapter {name!r}; the model has: {', '.join(known) or 'no adapters'}")
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# -- adding and removing adapters ------------------------------------------------------------------
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:
+    """Adds adapter `adapter` to the layers `config` targets, in place, and makes it the active one.
+
+    Only the new adapter trains afterwards (plus `modules_to_save` copies and the biases `config.bias`
+    names); every other parameter, other adapters' included, is frozen. Returns the model.
+    """
+    if not isinstance(adapter, str) or not ADAPTER_NAME.fullmatch(adapter) or adapter == BASE:
+        raise ValueError(f"adapter names are letters, digits, '_' and '-' (not {BASE!r}), got {adapter!r}")
+    if adapter in configs(model):
+        raise ValueError(f"the model already has an adapter named {adapter!r}; delete it first or pick another name")
+    targets = find_targets(model, config)
+    # wrap everything first, so that an unsupported module fails before the model is touched
+    layers = {}
+    for path in targets:
+        module = model.get_submodule(path)
+        layers[path] = module if isinstance(module, LoraLayer) else wrap_module(module)
+    copy_paths = [name for name, _ in candidate_modules(model) if matches_target(config.modules_to_save, name)]
+    if config.modules_to_save and not copy_paths:
+        raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module")
+
+    for path, layer in layers.items():
+        layer.add_adapter(
+            adapter, config.rank_for(path), config.scale_for(path), config.dropout, config.init, config.init_std
+        )
+        _set_module(model, path, layer)
+    for path in copy_paths:
+        module = model.get_submodule(path)
+        copies = module if isinstance(module, ModuleCopies) else ModuleCopies(module)
+        copies.add_copy(adapter)
+        _set_module(model, path, copies)
+    configs(model)[adapter] = config
+    set_adapter(model, adapter)
+    mark_trainable(model, adapter)
+    return model
+
+
+def mark_trainable(model: nn.Module, adapter: str) -> None:
+    """Freezes everything, then unfreezes `adapter`'s factors, copies and the biases its config trains."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter_parameters(model, adapter).values():
+        p.requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, adapter: str) -> None:
+    """Removes one adapter everywhere; layers left with no adapter become their original modules again."""
+    _check_known(model, [adapter])
+    for path, layer in list(lora_layers(model)):
+        if adapter in layer.lora_A:
+            layer.remove_adapter(adapter)
+            if not layer.lora_A:
+                _set_module(model, path, layer.base)
+    for path, copies in list(module_copies(model)):
+        if adapter in copies.copies:
+            del copies.copies[adapter]
+            copies.active_adapters = [n for n in copies.active_adapters if n != adapter]
+            if not copies.copies:
+                _set_module(model, path, copies.original)
+    del configs(model)[adapter]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The model's adapters, in the order they were added."""
+    return list(configs(model))
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(model.__dict__.get("lorakit_active", []))
+
+
+def set_adapter(model: nn.Module, adapters: str | list[str]) -> None:
+    """Makes `adapters` the active ones; several active adapters add their updates up."""
+    names = [adapters] if isinstance(adapters, str) else list(adapters)
+    _check_known(model, names)
+    for _, layer in lora_layers(model):
+        layer.active_adapters = [n for n in names if n in layer.lora_A]
+    for _, copies in module_copies(model):
+        copies.active_adapters = [n for n in names if n in copies.copies]
+    model.__dict__["lorakit_active"] = names
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model is its base alone; the previous state returns even if the block raises."""
+    switches = [m for _, m in lora_layers(model)] + [m for _, m in module_copies(model)]
+    if any(isinstance(m, LoraLayer) and m.merged_adapters for m in switches):
+        raise RuntimeError("adapters are merged into the base weights: lk.unmerge(model) before disabling them")
+    previous = [m.disabled for m in switches]
+    for m in switches:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, state in zip(switches, previous, strict=True):
+            m.disabled = state
+
+
+# -- merging ----------------------------------------------------------------------------------------
+
+
+def merge(model: nn.Module, safe: bool = False) -> None:
+    """Folds the active adapters into the base weights: W ← W + s·BA. Undo with `unmerge`.
+
+    safe=True computes every merged weight first and raises, leaving all weights untouched, if any
+    would hold NaN or inf.
+    """
+    layers = [(path, layer) for path, layer in lora_layers(model)]
+    if safe:
+        for path, layer in layers:
+            pending = [n for n in layer.active_adapters if n not in layer.merged_adapters]
+            merged = layer.base.weight.detach().clone()
+            for name in pending:
+                merged += layer.delta_weight(name).detach().to(merged.dtype)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"merging {pending} into {path} gives NaN or inf; no weight was changed")
+    with torch.no_grad():
+        for _, layer in layers:
+            layer.merge(layer.active_adapters)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Takes every merged adapter back out of the base weights."""
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Plain torch modules with the active adapters folded in: no lorakit class is left in the model."""
+    merge(model)
+    return _strip(model, keep_copies=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drops every adapter (unmerging first) and puts the original modules back."""
+    unmerge(model)
+    return _strip(model, keep_copies=False)
+
+
+def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:
+    for path, layer in list(lora_layers(model)):
+        _set_module(model, path, layer.base)
+    for path, copies in list(module_copies(model)):
+        _set_module(model, path, copies.current() if keep_copies else copies.original)
+    model.__dict__.pop("lorakit_configs", None)
+    model.__dict__.pop("lorakit_active", None)
+    return model
+
+
+# -- counting and exporting -------------------------------------------------------------------------
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared parameters count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, detached, under PEFT's file keys: exactly what `save_adapter` writes."""
+    return {key: p.detach() for key, p in adapter_parameters(model, adapter).items()}
+
+
+def adapter_parameters(model: nn.Module, adapter: str = "default") -> dict[str, nn.Parameter]:
+    """The live parameters that make up one adapter, under PEFT's file keys:
+
+    - `base_model.model.<path>.lora_A.weight` / `.lora_B.weight` (Embedding: `.lora_embedding_A` /
+      `.lora_embedding_B`, no `.weight`);
+    - each `modules_to_save` copy's parameters under the module's own path, `base_model.model.<path>.<param>`;
+    - the biases the config trains (bias "all" or "lora_only"): an adapted layer's as `<path>.base_layer.bias`,
+      any other under its plain path.
+    """
+    _check_known(model, [adapter])
+    params = {}
+    for path, layer in lora_layers(model):
+        if adapter in layer.lora_A:
+            embedding = isinstance(layer, LoraEmbedding)
+            a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+            params[f"{PEFT_PREFIX}{path}.{a_key}"] = layer.lora_A[adapter]
+            params[f"{PEFT_PREFIX}{path}.{b_key}"] = layer.lora_B[adapter]
+    for path, copies in module_copies(model):
+        if adapter in copies.copies:
+            for name, p in copies.copies[adapter].named_parameters():
+                params[f"{PEFT_PREFIX}{path}.{name}"] = p
+    params.update(trained_biases(model, adapter))
+    return params
+
+
+def trained_biases(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
+    """The base biases that train with `adapter` (its config's `bias`), under PEFT's file keys."""
+    bias = configs(model)[adapter].bias
+    if bias == "none":
+        return {}
+    adapted = {f"{path}.base.bias": path for path, layer in lora_layers(model) if adapter in layer.lora_A}
+    copies = tuple(f"{path}." for path, _ in module_copies(model))
+    found = {}
+    for name, p in model.named_parameters():
+        if name in adapted:
+            found[f"{PEFT_PREFIX}{adapted[name]}.base_layer.bias"] = p
+        elif (
+            bias == "all" and name.rsplit(".", 1)[-1] == "bias" and ".lora_" not in name and not name.startswith(copies)
+        ):
+            found[PEFT_PREFIX + name] = p
+    return found
+
+
+# -- mixed batches ---------------------------------------------------------------------------------
+
+
+def forward_per_sample(model: nn.Module, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
+    """Runs the model with adapter `adapter_names[i]` for sample i of the batch (`"__base__"`: none).
+
+    Each LoRA layer gathers its factors per sample and applies them in one batched matmul pair.
+    """
+    names = [BASE, *dict.fromkeys(n for n in adapter_names if n != BASE)]
+    _check_known(model, names[1:])
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged_adapters for layer in layers):
+        raise RuntimeError("adapters are merged into the base weights: lk.unmerge(model) before a mixed batch")
+    reference = next((p for p in model.parameters()), None)
+    device = reference.device if reference is not None else None
+    routing = PerSampleRouting(names, torch.tensor([names.index(n) for n in adapter_names], device=device))
+    copies = [c for _, c in module_copies(model)]
+    for m in layers + copies:
+        m.routing = routing
+    try:
+        return model(*args, **kwargs)
+    finally:
+        for m in layers + copies:
+            m.routing = None

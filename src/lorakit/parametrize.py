@@ -1,0 +1,42 @@
+"""LoRAParametrization: the notes' LoRA, for `torch.nn.utils.parametrize`.
+
+    layer = nn.Linear(784, 1000)
+    parametrize.register_parametrization(
+        layer, "weight", LoRAParametrization(*layer.weight.shape, rank=1, alpha=1)
+    )
+
+Every access to `layer.weight` then returns W + s · B A (s = alpha / rank) while `enabled` is true, and
+W itself while it is false. Naming follows the notes: `(features_in, features_out)` is the weight's shape
+as stored, i.e. (out, in) for nn.Linear; A is (rank × features_out) ~ N(0, 1) and B (features_in × rank)
+starts at zero, so B A has the weight's shape and starts at zero.
+
+This materialises the full W + s·BA on every forward pass, and autograd then builds a full-size gradient
+for it: clear for learning, slower and heavier for training than lorakit's layers (`lk.inject`), which
+apply the two factors to the input and never form W + s·BA. Given the same A and B the two give the same
+outputs (tests/test_parametrize.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["LoRAParametrization"]
+
+
+class LoRAParametrization(nn.Module):
+    def __init__(self, features_in: int, features_out: int, rank: int = 1, alpha: float = 1, device: str = "cpu"):
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        # LoRA paper, section 4.1: A random Gaussian, B zero, so ΔW = BA is zero at the start
+        self.lora_A = nn.Parameter(torch.randn(rank, features_out, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(features_in, rank, device=device))
+        # ΔW is scaled by α/r, so that changing r needs no retuning of the learning rate
+        self.scale = alpha / rank
+        self.enabled = True
+
+    def forward(self, original_weights: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return original_weights
+        return original_weights + (self.lora_B @ self.lora_A).view(original_weights.shape) * self.scale

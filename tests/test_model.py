@@ -1,0 +1,374 @@
+"""The LoRA engine on plain PyTorch models: injection, the forward formula, adapters, merging, mixed batches."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorakit as lk
+from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModuleCopies
+
+
+class TinyNet(nn.Module):
+    """Every layer kind lorakit wraps: Embedding, Linear, Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 12)
+        self.conv = nn.Conv1d(12, 12, kernel_size=3, padding=1)
+        self.hidden = nn.Linear(12, 24)
+        self.out = nn.Linear(24, 5)
+
+    def forward(self, tokens):  # (batch, L) -> (batch, L, 5)
+        h = self.embed(tokens)
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.out(torch.relu(self.hidden(h)))
+
+
+ALL = ["embed", "conv", "hidden", "out"]
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, 30, (4, 7), generator=torch.Generator().manual_seed(1))
+
+
+def test_fresh_adapter_leaves_outputs_exactly_unchanged(net, tokens):
+    before = net(tokens)
+    lk.inject(net, lk.LoraConfig(r=4, alpha=8, target_modules=ALL))
+    assert torch.equal(net(tokens), before)
+    for _, layer in lk.model.lora_layers(net):
+        assert not layer.lora_B["default"].any() or isinstance(layer, LoraEmbedding)
+        if isinstance(layer, LoraEmbedding):  # PEFT's embedding init: A zero, B normal
+            assert not layer.lora_A["default"].any() and layer.lora_B["default"].any()
+
+
+def test_only_adapter_parameters_train_and_counts_are_r_times_in_plus_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10))
+    total_before = sum(p.numel() for p in model.parameters())
+    lk.inject(model, lk.LoraConfig(r=3, alpha=3, target_modules=["0", "2"]))
+    trainable, total = lk.parameter_counts(model)
+    assert trainable == 3 * (64 + 100) + 3 * (100 + 10)
+    assert total == total_before + trainable
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {"0.lora_A.default", "0.lora_B.default", "2.lora_A.default", "2.lora_B.default"}
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_linear_forward_is_base_plus_scaled_low_rank_path(use_rslora):
+    torch.manual_seed(0)
+    linear = nn.Linear(10, 6)
+    model = nn.Sequential(linear)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=6, target_modules=["0"], init=False, use_rslora=use_rslora))
+    layer = model[0]
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    s = 6 / 4**0.5 if use_rslora else 6 / 4
+    assert layer.scale["default"] == pytest.approx(s)
+    x = torch.randn(3, 5, 10)
+    expected = x @ linear.weight.T + linear.bias + s * (x @ A.T) @ B.T
+    torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["embedding", "conv1d", "conv2d", "conv3d"])
+def test_factored_forward_equals_the_merged_full_weight(kind):
+    torch.manual_seed(0)
+    base, x = {
+        "embedding": (nn.Embedding(20, 6, padding_idx=0), torch.randint(0, 20, (3, 5))),
+        "conv1d": (nn.Conv1d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 9)),
+        "conv2d": (nn.Conv2d(4, 6, (3, 2), padding=1, dilation=(1, 2)), torch.randn(2, 4, 8, 8)),
+        "conv3d": (nn.Conv3d(2, 3, 2), torch.randn(2, 2, 4, 4, 4)),
+    }[kind]
+    model = nn.Sequential(base)
+    lk.inject(model, lk.LoraConfig(r=3, alpha=5, target_modules=["0"], init=False))
+    assert isinstance(model[0], LoraEmbedding if kind == "embedding" else LoraConv)
+    unmerged = model(x)
+    merged = copy.deepcopy(model)
+    lk.merge(merged)
+    torch.testing.assert_close(merged(x), unmerged, atol=1e-5, rtol=1e-5)
+    with lk.disabled(model):
+        assert not torch.allclose(model(x), unmerged)
+
+
+def test_gaussian_init_draws_a_with_std_one_over_r_and_b_zero():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4000, 8))
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["0"], init="gaussian"))
+    assert model[0].lora_A["default"].std().item() == pytest.approx(1 / 4, rel=0.05)
+    assert not model[0].lora_B["default"].any()
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["0"], init="gaussian", init_std=0.02), "b")
+    assert model[0].lora_A["b"].std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_kaiming_init_matches_loralib_bound():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(400, 8))
+    lk.inject(model, lk.LoraConfig(r=64, target_modules=["0"]))
+    A = model[0].lora_A["default"]
+    # kaiming_uniform with a=√5: bound = 1/√fan_in
+    assert A.abs().max().item() <= 1 / 400**0.5
+    assert A.abs().max().item() > 0.9 / 400**0.5
+
+
+def test_several_active_adapters_add_up(net, tokens):
+    base = net(tokens)
+    lk.inject(net, lk.LoraConfig(r=2, alpha=2, target_modules=ALL, init=False), "a")
+    lk.inject(net, lk.LoraConfig(r=3, alpha=6, target_modules=["hidden"], init=False), "b")
+    assert lk.adapter_names(net) == ["a", "b"]
+    # inject makes the new adapter the active one
+    out_b = net(tokens)
+    lk.set_adapter(net, "a")
+    out_a = net(tokens)
+    # the model is not linear in its layers' outputs, so compare one layer
+    lk.set_adapter(net, ["a", "b"])
+    layer = net.hidden
+    h = torch.randn(2, 12)
+    both = layer(h)
+    lk.set_adapter(net, "a")
+    only_a = layer(h)
+    lk.set_adapter(net, "b")
+    only_b = layer(h)
+    torch.testing.assert_close(both - layer.base(h), (only_a - layer.base(h)) + (only_b - layer.base(h)))
+    assert not torch.allclose(out_a, out_b) and not torch.allclose(out_a, base)
+
+
+def test_disabled_gives_the_base_model_and_restores_state_even_on_error(net, tokens):
+    base = net(tokens)
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL, init=False))
+    adapted = net(tokens)
+    with lk.disabled(net):
+        assert torch.equal(net(tokens), base)
+    assert torch.equal(net(tokens), adapted)
+    with pytest.raises(KeyError), lk.disabled(net):
+        raise KeyError("boom")
+    assert torch.equal(net(tokens), adapted)
+
+
+def test_merge_unmerge_round_trip_and_merged_outputs(net, tokens):
+    lk.inject(net, lk.LoraConfig(r=4, target_modules=ALL, init=False))
+    weights = {n: p.detach().clone() for n, p in net.named_parameters()}
+    unmerged = net(tokens)
+    lk.merge(net)
+    torch.testing.assert_close(net(tokens), unmerged, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="unmerge"), lk.disabled(net):
+        pass
+    lk.unmerge(net)
+    for n, p in net.named_parameters():
+        assert (p - weights[n]).abs().max().item() <= 1e-6, n
+
+
+def test_safe_merge_refuses_non_finite_weights_and_changes_nothing(net):
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL, init=False))
+    with torch.no_grad():
+        net.out.lora_B["default"][0, 0] = float("inf")
+    weights = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with pytest.raises(ValueError, match="out"):
+        lk.merge(net, safe=True)
+    for n, p in net.named_parameters():
+        assert torch.equal(p, weights[n])
+    assert all(not layer.merged_adapters for _, layer in lk.model.lora_layers(net))
+
+
+def test_merge_and_unload_leaves_plain_torch_modules(net, tokens):
+    lk.inject(net, lk.LoraConfig(r=4, target_modules=ALL, init=False, modules_to_save=None))
+    expected = net(tokens)
+    plain = lk.merge_and_unload(net)
+    assert not any(isinstance(m, LoraLayer | ModuleCopies) for m in plain.modules())
+    assert not any(type(m).__module__.startswith("lorakit") for m in plain.modules())
+    torch.testing.assert_close(plain(tokens), expected, atol=1e-5, rtol=1e-5)
+    assert lk.adapter_names(plain) == []
+
+
+def test_unload_restores_the_original_modules_and_weights(net, tokens):
+    original = copy.deepcopy(net)
+    lk.inject(net, lk.LoraConfig(r=4, target_modules=ALL, init=False))
+    lk.merge(net)
+    lk.unload(net)
+    assert [type(m) for m in net.modules()] == [type(m) for m in original.modules()]
+    torch.testing.assert_close(net(tokens), original(tokens), atol=1e-6, rtol=0)
+
+
+def test_delete_adapter_and_unknown_names(net, tokens):
+    base = net(tokens)
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL, init=False), "a")
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=["hidden"], init=False), "b")
+    with pytest.raises(ValueError, match=r"unknown adapter 'c'; the model has: a, b"):
+        lk.set_adapter(net, "c")
+    lk.delete_adapter(net, "a")
+    assert lk.adapter_names(net) == ["b"]
+    assert isinstance(net.embed, nn.Embedding) and isinstance(net.hidden, LoraLinear)
+    lk.delete_adapter(net, "b")
+    assert torch.equal(net(tokens), base)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        lk.delete_adapter(net, "b")
+
+
+def test_adding_an_adapter_name_twice_is_refused(net):
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL))
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+        lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL))
+
+
+def test_forward_per_sample_matches_one_adapter_at_a_time(net, tokens):
+    lk.inject(net, lk.LoraConfig(r=2, alpha=2, target_modules=ALL, init=False), "a")
+    lk.inject(net, lk.LoraConfig(r=5, alpha=3, target_modules=["hidden", "out", "embed"], init=False), "b")
+    expected = {}
+    for name in ["a", "b"]:
+        lk.set_adapter(net, name)
+        expected[name] = net(tokens)
+    with lk.disabled(net):
+        expected[lk.BASE] = net(tokens)
+    order = ["b", lk.BASE, "a", "b"]
+    mixed = lk.forward_per_sample(net, order, tokens)
+    for i, name in enumerate(order):
+        torch.testing.assert_close(mixed[i], expected[name][i], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="3 adapter names for a batch of 4"):
+        lk.forward_per_sample(net, ["a", "b", "a"], tokens)
+    with pytest.raises(ValueError, match="unknown adapter 'zzz'"):
+        lk.forward_per_sample(net, ["zzz"] * 4, tokens)
+
+
+def test_forward_per_sample_uses_batched_matmuls_not_a_loop_per_sub_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    for name in "abc":
+        lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"], init=False), name)
+    calls = []
+    original_bmm = torch.bmm
+
+    def counting_bmm(*args):
+        calls.append(args[0].shape)
+        return original_bmm(*args)
+
+    torch.bmm = counting_bmm
+    try:
+        lk.forward_per_sample(model, ["a", "b", "c", "a", lk.BASE, "b"], torch.randn(6, 3, 8))
+    finally:
+        torch.bmm = original_bmm
+    assert len(calls) == 2 and all(shape[0] == 6 for shape in calls)
+
+
+def test_config_errors_are_clear(net):
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        lk.LoraConfig(r=0, target_modules=ALL)
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        lk.LoraConfig(r=2, alpha=float("inf"), target_modules=ALL)
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        lk.LoraConfig(r=2, alpha=float("nan"), target_modules=ALL)
+    with pytest.raises(ValueError, match="matches no module; the model has: embed, conv, hidden, out"):
+        lk.inject(net, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="cannot put LoRA on a ReLU"):
+        lk.inject(nn.Sequential(nn.ReLU()), lk.LoraConfig(r=2, target_modules=["0"]))
+
+
+def test_no_match_lists_at_most_ten_module_names():
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(15)])
+    with pytest.raises(ValueError) as info:
+        lk.inject(model, lk.LoraConfig(r=1, target_modules="nothing"))
+    listed = str(info.value).split("the model has: ")[1]
+    assert listed.count(",") == 10 and listed.endswith("…")
+
+
+def test_target_selection_by_suffix_regex_all_linear_and_exclusion(net):
+    def targets(**kwargs):
+        return lk.model.find_targets(net, lk.LoraConfig(r=1, **kwargs))
+
+    assert targets(target_modules=["hidden", "out"]) == ["hidden", "out"]
+    assert targets(target_modules=r"(hidden|conv)") == ["conv", "hidden"]
+    with pytest.raises(ValueError, match="matches no module"):  # a regex must match the whole path
+        targets(target_modules="hid")
+    assert targets(target_modules="all-linear") == ["hidden", "out"]
+    assert targets(target_modules="all-linear", exclude_modules=["out"]) == ["hidden"]
+
+
+def test_rank_and_alpha_patterns_override_per_layer(net):
+    config = lk.LoraConfig(r=2, alpha=4, target_modules=ALL, rank_pattern={"hidden": 6}, alpha_pattern={"o.t": 1})
+    lk.inject(net, config)
+    assert net.hidden.rank("default") == 6 and net.hidden.scale["default"] == pytest.approx(4 / 6)
+    assert net.out.rank("default") == 2 and net.out.scale["default"] == pytest.approx(1 / 2)
+    assert net.conv.rank("default") == 2 and net.conv.scale["default"] == pytest.approx(2)
+
+
+@pytest.mark.parametrize(
+    "bias, trainable", [("none", set()), ("lora_only", {"hidden", "out"}), ("all", {"conv", "hidden", "out"})]
+)
+def test_bias_modes_choose_which_base_biases_train(net, bias, trainable):
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=["hidden", "out"], bias=bias))
+    training = {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad and n.endswith("bias")}
+    assert training == set(trainable)
+
+
+def test_modules_to_save_trains_a_copy_and_keeps_the_original(net, tokens):
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=["hidden"], modules_to_save=["out"]))
+    assert isinstance(net.out, ModuleCopies)
+    original = net.out.original.weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        net(tokens).square().mean().backward()
+        optimizer.step()
+    assert torch.equal(net.out.original.weight, original)
+    assert not torch.equal(net.out.copies["default"].weight, original)
+    adapted = net(tokens)
+    with lk.disabled(net):
+        assert not torch.allclose(net(tokens), adapted)
+    keys = set(lk.lora_state_dict(net))
+    assert {"base_model.model.out.weight", "base_model.model.out.bias"} <= keys
+
+
+def test_training_moves_only_the_adapter_and_gradients_reach_a_and_b(net, tokens):
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL))
+    frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(tokens).reshape(-1, 5), torch.zeros(28, dtype=torch.long))
+        loss.backward()
+        optimizer.step()
+    for n, p in net.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert net.hidden.lora_B["default"].abs().sum() > 0
+
+
+def test_deepcopy_and_state_dict_round_trip(net, tokens):
+    lk.inject(net, lk.LoraConfig(r=3, target_modules=ALL, init=False))
+    twin = copy.deepcopy(net)
+    torch.testing.assert_close(twin(tokens), net(tokens))
+    assert lk.adapter_names(twin) == ["default"]
+    torch.manual_seed(5)
+    other = lk.inject(TinyNet(), lk.LoraConfig(r=3, target_modules=ALL, init=False))
+    other.load_state_dict(net.state_dict())
+    torch.testing.assert_close(other(tokens), net(tokens))
+
+
+def test_bfloat16_cast_keeps_working(net, tokens):
+    lk.inject(net, lk.LoraConfig(r=3, target_modules=ALL, init=False))
+    expected = net(tokens)
+    net.to(torch.bfloat16)
+    out = net(tokens)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_torch_compile_trains_two_steps(net, tokens):
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL))
+    compiled = torch.compile(net, backend="aot_eager")
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = compiled(tokens).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert net.hidden.lora_B["default"].abs().sum() > 0
+    assert all(torch.isfinite(torch.tensor(losses)))

@@ -1,0 +1,291 @@
+"""lorakit against the real PEFT: the same files, the same outputs, the same parameter counts.
+
+For each model (tiny transformers models built from configs, a CNN, an embedding model):
+- a lorakit adapter saved with `lk.save_adapter` and loaded by `PeftModel.from_pretrained` gives the same outputs;
+- a PEFT adapter saved with `save_pretrained` and loaded by `lk.load_adapter` gives the same outputs;
+- merged and unmerged lorakit outputs agree;
+- `lk.inject` and `get_peft_model` train the same number of parameters.
+"""
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import lorakit as lk
+
+ATOL = 1e-5
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, (3, 5), stride=(2, 1), padding=(1, 2))
+        self.head = nn.Linear(8 * 4 * 8, 10)
+
+    def forward(self, x):  # (batch, 3, 8, 8) -> (batch, 10)
+        h = torch.relu(self.conv1(x))
+        return self.head(torch.relu(self.conv2(h)).flatten(1))
+
+
+class EmbeddingModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 4)
+
+    def forward(self, tokens):  # (batch, L) -> (batch, L, 4)
+        return self.proj(self.emb(tokens))
+
+
+@dataclass
+class Case:
+    name: str
+    build: Any  # () -> model in eval mode, same weights every call
+    inputs: Any  # () -> kwargs for the forward pass
+    lorakit: dict  # LoraConfig kwargs
+    peft: dict = field(default_factory=dict)  # PEFT LoraConfig kwargs for the same adapter
+
+
+def seeded(factory):
+    def build():
+        torch.manual_seed(0)
+        return factory().eval()
+
+    return build
+
+
+TOKENS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+
+CASES = [
+    Case(
+        "llama",
+        seeded(
+            lambda: LlamaForCausalLM(
+                LlamaConfig(
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    vocab_size=100,
+                )
+            )
+        ),
+        lambda: {"input_ids": TOKENS},
+        {"r": 4, "alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]},
+        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]},
+    ),
+    Case(
+        "llama-all-linear-rslora-patterns",
+        seeded(
+            lambda: LlamaForCausalLM(
+                LlamaConfig(
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    vocab_size=100,
+                )
+            )
+        ),
+        lambda: {"input_ids": TOKENS},
+        {
+            "r": 4,
+            "alpha": 6,
+            "target_modules": "all-linear",
+            "use_rslora": True,
+            "rank_pattern": {"down_proj": 2},
+            "alpha_pattern": {"layers\\.1\\..*v_proj": 3},
+        },
+        {
+            "r": 4,
+            "lora_alpha": 6,
+            "target_modules": "all-linear",
+            "use_rslora": True,
+            "rank_pattern": {"down_proj": 2},
+            "alpha_pattern": {"layers\\.1\\..*v_proj": 3},
+        },
+    ),
+    Case(
+        "gpt2-conv1d",
+        seeded(lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32))),
+        lambda: {"input_ids": TOKENS},
+        {"r": 4, "alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"]},
+        {"r": 4, "lora_alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
+    ),
+    Case(
+        "bert-seq-cls",
+        seeded(
+            lambda: BertForSequenceClassification(
+                BertConfig(
+                    hidden_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=64,
+                    vocab_size=100,
+                    num_labels=3,
+                )
+            )
+        ),
+        lambda: {"input_ids": TOKENS, "attention_mask": torch.ones_like(TOKENS)},
+        {"r": 4, "alpha": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"},
+        {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"},
+    ),
+    Case(
+        "cnn-conv2d",
+        seeded(SmallCNN),
+        lambda: {"x": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))},
+        {"r": 3, "alpha": 6, "target_modules": ["conv1", "conv2", "head"]},
+        {"r": 3, "lora_alpha": 6, "target_modules": ["conv1", "conv2", "head"]},
+    ),
+    Case(
+        "embedding",
+        seeded(EmbeddingModel),
+        lambda: {"tokens": torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(5))},
+        {"r": 4, "alpha": 4, "target_modules": ["emb", "proj"]},
+        {"r": 4, "lora_alpha": 4, "target_modules": ["emb", "proj"]},
+    ),
+]
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def randomize(params):
+    """Make an adapter non-zero (B starts at zero), as training would."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def lorakit_adapted(case):
+    model = lk.inject(case.build(), lk.LoraConfig(**case.lorakit))
+    randomize(lk.model.adapter_parameters(model).values())
+    return model
+
+
+def peft_adapted(case):
+    model = get_peft_model(case.build(), PeftLoraConfig(**case.peft))
+    randomize(p for n, p in model.named_parameters() if p.requires_grad)
+    return model
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_lorakit_adapter_loads_in_peft_with_identical_outputs(case, tmp_path):
+    model = lorakit_adapted(case)
+    expected = logits(model, case.inputs())
+    lk.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    peft_model = PeftModel.from_pretrained(case.build(), tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(peft_model, case.inputs()), expected, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_peft_adapter_loads_in_lorakit_with_identical_outputs(case, tmp_path):
+    peft_model = peft_adapted(case).eval()
+    expected = logits(peft_model, case.inputs())
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = lk.load_adapter(case.build(), tmp_path / "adapter")
+    torch.testing.assert_close(logits(model, case.inputs()), expected, atol=ATOL, rtol=ATOL)
+    # and the base model comes back when the adapter is switched off
+    with lk.disabled(model):
+        torch.testing.assert_close(logits(model, case.inputs()), logits(case.build(), case.inputs()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_merged_and_unmerged_outputs_agree(case):
+    model = lorakit_adapted(case)
+    unmerged = logits(model, case.inputs())
+    lk.merge(model)
+    torch.testing.assert_close(logits(model, case.inputs()), unmerged, atol=ATOL, rtol=ATOL)
+    lk.unmerge(model)
+    plain = lk.merge_and_unload(copy.deepcopy(model))
+    torch.testing.assert_close(logits(plain, case.inputs()), unmerged, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_trainable_parameter_count_equals_peft(case):
+    ours = lk.parameter_counts(lk.inject(case.build(), lk.LoraConfig(**case.lorakit)))
+    peft_model = get_peft_model(case.build(), PeftLoraConfig(**case.peft))
+    assert ours == peft_model.get_nb_trainable_parameters()
+
+
+def test_peft_outputs_match_lorakit_outputs_for_the_same_factors():
+    """Not just files: the two forward passes agree given the same A and B."""
+    case = CASES[0]
+    ours = lk.inject(case.build(), lk.LoraConfig(**case.lorakit, init=False))
+    theirs = get_peft_model(case.build(), PeftLoraConfig(**case.peft, init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for key, p in lk.model.adapter_parameters(ours).items():
+            peft_key = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+                ".lora_B.weight", ".lora_B.default.weight"
+            )
+            dict(theirs.named_parameters())[peft_key].copy_(p)
+    torch.testing.assert_close(logits(ours, case.inputs()), logits(theirs, case.inputs()), atol=ATOL, rtol=ATOL)
+
+
+def test_peft_adapter_on_embed_tokens_with_saved_base_layer_loads(tmp_path):
+    """PEFT also saves the full base weight of an adapted embed_tokens; lorakit reads it."""
+    case = CASES[0]
+    peft_model = get_peft_model(case.build(), PeftLoraConfig(r=2, lora_alpha=2, target_modules=["embed_tokens", "q_proj"]))
+    randomize(p for n, p in peft_model.named_parameters() if p.requires_grad)
+    expected = logits(peft_model.eval(), case.inputs())
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = lk.load_adapter(case.build(), tmp_path / "adapter")
+    torch.testing.assert_close(logits(model, case.inputs()), expected, atol=ATOL, rtol=ATOL)
+
+
+def test_named_adapters_from_peft_and_mixed_batches_match_peft(tmp_path):
+    case = CASES[0]
+    peft_model = get_peft_model(case.build(), PeftLoraConfig(**case.peft, init_lora_weights=False), adapter_name="a")
+    peft_model.add_adapter("b", PeftLoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"], init_lora_weights=False))
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "saved")  # "a" and "b" go to subfolders
+    model = case.build()
+    lk.load_adapter(model, tmp_path / "saved" / "a", adapter="a")
+    lk.load_adapter(model, tmp_path / "saved" / "b", adapter="b")
+    order = ["a", "b", "__base__", "a"]
+    inputs = {"input_ids": TOKENS.repeat(2, 1)}
+    with torch.no_grad():
+        theirs = peft_model(**inputs, adapter_names=order).logits
+    ours = logits_per_sample(model, order, inputs)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=ATOL)
+
+
+def logits_per_sample(model, order, inputs):
+    with torch.no_grad():
+        return lk.forward_per_sample(model, order, **inputs).logits
+
+
+def test_gradient_checkpointing_trains_an_injected_transformers_model():
+    case = CASES[0]
+    model = lk.inject(case.build(), lk.LoraConfig(**case.lorakit))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    out = model(input_ids=TOKENS, labels=TOKENS)
+    out.loss.backward()
+    grads = [p.grad for p in lk.model.adapter_parameters(model).values()]
+    assert all(g is not None for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
