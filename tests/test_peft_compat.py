@@ -249,7 +249,8 @@ def test_peft_outputs_match_lorakit_outputs_for_the_same_factors():
 def test_peft_adapter_on_embed_tokens_with_saved_base_layer_loads(tmp_path):
     """PEFT also saves the full base weight of an adapted embed_tokens; lorakit reads it."""
     case = CASES[0]
-    peft_model = get_peft_model(case.build(), PeftLoraConfig(r=2, lora_alpha=2, target_modules=["embed_tokens", "q_proj"]))
+    config = PeftLoraConfig(r=2, lora_alpha=2, target_modules=["embed_tokens", "q_proj"])
+    peft_model = get_peft_model(case.build(), config)
     randomize(p for n, p in peft_model.named_parameters() if p.requires_grad)
     expected = logits(peft_model.eval(), case.inputs())
     peft_model.save_pretrained(tmp_path / "adapter")
