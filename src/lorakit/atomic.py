@@ -16,6 +16,13 @@ from pathlib import Path
 __all__ = ["atomic_dir", "atomic_file", "write_text_atomic"]
 
 
+def _chmod_default(path: Path, mode: int) -> None:
+    """Gives `path` the permissions a plain open()/mkdir() would: `mode` less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; on a clean exit it is renamed onto `path`."""
@@ -24,6 +31,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
+    _chmod_default(tmp, 0o666)  # mkstemp makes it private (0600)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -50,6 +58,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise NotADirectoryError(f"{path} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    _chmod_default(tmp, 0o777)  # mkdtemp makes it private (0700); a saved adapter is an ordinary folder
     try:
         yield tmp
     except BaseException:

@@ -26,6 +26,7 @@ from lorakit.model import (
     active_adapters,
     adapter_parameters,
     candidate_modules,
+    check_known,
     configs,
     delete_adapter,
     inject,
@@ -55,6 +56,7 @@ UNSUPPORTED_PEFT_OPTIONS = {
 
 def peft_config(model: nn.Module, adapter: str, base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """The adapter's config as PEFT writes it in adapter_config.json."""
+    check_known(model, [adapter])
     config = configs(model)[adapter]
     paths = [path for path, layer in lora_layers(model) if adapter in layer.lora_A]
     init = {"kaiming": True, "gaussian": "gaussian", False: False}[config.init]
@@ -171,6 +173,8 @@ def load_adapter(
     directory = Path(directory)
     config = config_from_peft(read_adapter_config(directory), str(directory / CONFIG_NAME))
     tensors = read_adapter_weights(directory)
+    if adapter in configs(model):
+        raise ValueError(f"the model already has an adapter named {adapter!r}; delete it first or pick another name")
     active = active_adapters(model)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
@@ -179,12 +183,13 @@ def load_adapter(
         params.update(saved_base_weights(model, adapter, tensors))
         _check_tensors(tensors, params, directory / WEIGHTS_NAME)
     except BaseException:
-        if adapter in configs(model):
-            delete_adapter(model, adapter)
-        if active:
+        try:
+            if adapter in configs(model):
+                delete_adapter(model, adapter)
             set_adapter(model, active)
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad[name])
+        finally:
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad[name])
         raise
     with torch.no_grad():
         for key, p in params.items():

@@ -63,6 +63,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.routing: PerSampleRouting | None = None
+        self.train(base.training)  # a model in eval mode stays in eval mode (dropout!)
 
     # -- what subclasses define --------------------------------------------------------------------
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -304,6 +305,7 @@ class ModuleCopies(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled = False
         self.routing: PerSampleRouting | None = None
+        self.train(original.training)
 
     def add_copy(self, name: str) -> None:
         self.copies[name] = copy.deepcopy(self.original)

@@ -115,7 +115,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
-def _check_known(model: nn.Module, names: list[str]) -> None:
+def check_known(model: nn.Module, names: list[str]) -> None:
     known = list(configs(model))
     for name in names:
         if name not in known:
@@ -149,6 +149,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
     copy_paths = [name for name, _ in candidate_modules(model) if matches_target(config.modules_to_save, name)]
     if config.modules_to_save and not copy_paths:
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module")
+    for path in copy_paths:
+        if isinstance(model.get_submodule(path), LoraLayer):
+            raise ValueError(f"{path} carries LoRA adapters and cannot also be a full trainable copy (modules_to_save)")
 
     for path, layer in layers.items():
         layer.add_adapter(
@@ -176,7 +179,7 @@ def mark_trainable(model: nn.Module, adapter: str) -> None:
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
     """Removes one adapter everywhere; layers left with no adapter become their original modules again."""
-    _check_known(model, [adapter])
+    check_known(model, [adapter])
     for path, layer in list(lora_layers(model)):
         if adapter in layer.lora_A:
             layer.remove_adapter(adapter)
@@ -203,7 +206,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 def set_adapter(model: nn.Module, adapters: str | list[str]) -> None:
     """Makes `adapters` the active ones; several active adapters add their updates up."""
     names = [adapters] if isinstance(adapters, str) else list(adapters)
-    _check_known(model, names)
+    check_known(model, names)
     for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in names if n in layer.lora_A]
     for _, copies in module_copies(model):
@@ -302,7 +305,7 @@ def adapter_parameters(model: nn.Module, adapter: str = "default") -> dict[str, 
     - the biases the config trains (bias "all" or "lora_only"): an adapted layer's as `<path>.base_layer.bias`,
       any other under its plain path.
     """
-    _check_known(model, [adapter])
+    check_known(model, [adapter])
     params = {}
     for path, layer in lora_layers(model):
         if adapter in layer.lora_A:
@@ -345,7 +348,7 @@ def forward_per_sample(model: nn.Module, adapter_names: list[str], *args: Any, *
     Each LoRA layer gathers its factors per sample and applies them in one batched matmul pair.
     """
     names = [BASE, *dict.fromkeys(n for n in adapter_names if n != BASE)]
-    _check_known(model, names[1:])
+    check_known(model, names[1:])
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged_adapters for layer in layers):
         raise RuntimeError("adapters are merged into the base weights: lk.unmerge(model) before a mixed batch")
