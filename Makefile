@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lorakit rank --example
+	$(BIN)/lorakit demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -10,11 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lorakit.commands import rank
+from lorakit.commands import demo, rank
 
 __all__ = ["main"]
 
-COMMANDS = (rank,)
+COMMANDS = (demo, rank)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -13,7 +13,7 @@ import torch
 
 from lorakit.atomic import atomic_file
 
-__all__ = ["save_figure", "spectrum_plot"]
+__all__ = ["error_bars_plot", "loss_plot", "save_figure", "spectrum_plot"]
 
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
@@ -44,4 +44,35 @@ def spectrum_plot(
         ax.grid(alpha=0.3)
     if len(spectra) <= 12:
         ax_e.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def error_bars_plot(errors: Mapping[str, Sequence[int]], highlight: int, path: str | os.PathLike) -> None:
+    """Grouped bars: wrong predictions per class for each named model; the `highlight` class is marked."""
+    fig, ax = plt.subplots(figsize=(10, 4))
+    classes = range(len(next(iter(errors.values()))))
+    width = 0.8 / len(errors)
+    for i, (name, counts) in enumerate(errors.items()):
+        ax.bar([c + (i - (len(errors) - 1) / 2) * width for c in classes], counts, width, label=name)
+    ax.axvspan(highlight - 0.45, highlight + 0.45, color="gold", alpha=0.2, zorder=0)
+    ax.set(
+        title=f"Wrong test predictions per digit (highlighted: {highlight})",
+        xlabel="digit",
+        ylabel="errors",
+        xticks=list(classes),
+    )
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, path)
+
+
+def loss_plot(curves: Mapping[str, Sequence[float]], path: str | os.PathLike) -> None:
+    """One panel per named training-loss curve, loss against step (log scale)."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5), squeeze=False, layout="constrained")
+    for ax, (name, losses) in zip(axes[0], curves.items(), strict=True):
+        ax.plot(range(1, len(losses) + 1), losses, linewidth=1)
+        ax.set(title=name, xlabel="step", ylabel="loss")
+        if losses and min(losses) > 0:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
     save_figure(fig, path)
