@@ -29,11 +29,14 @@ from lorakit.model import (
     unmerge,
 )
 from lorakit.parametrize import LoRAParametrization
+from lorakit.train import TrainConfig, TrainResult, train
 
 __all__ = [
     "BASE",
     "LoRAParametrization",
     "LoraConfig",
+    "TrainConfig",
+    "TrainResult",
     "adapter_names",
     "delete_adapter",
     "disabled",
@@ -47,6 +50,7 @@ __all__ = [
     "parameter_counts",
     "save_adapter",
     "set_adapter",
+    "train",
     "unload",
     "unmerge",
 ]

@@ -10,11 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lorakit.commands import demo, rank
+from lorakit.commands import demo, finetune, rank
 
 __all__ = ["main"]
 
-COMMANDS = (demo, rank)
+COMMANDS = (demo, finetune, rank)
 
 
 def build_parser() -> argparse.ArgumentParser:

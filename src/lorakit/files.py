@@ -35,7 +35,15 @@ from lorakit.model import (
     set_adapter,
 )
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "config_from_peft", "load_adapter", "peft_config", "save_adapter"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "config_from_peft",
+    "load_adapter",
+    "peft_config",
+    "save_adapter",
+    "write_adapter",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -98,13 +106,20 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
 ) -> Path:
     """Writes `adapter` as a PEFT adapter directory, atomically. Returns the directory."""
-    config = peft_config(model, adapter, base_model_name_or_path)
-    tensors = {key: p.detach().contiguous().cpu() for key, p in adapter_parameters(model, adapter).items()}
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_adapter(model, tmp, adapter, base_model_name_or_path)
     return directory
+
+
+def write_adapter(
+    model: nn.Module, directory: Path, adapter: str = "default", base_model_name_or_path: str | None = None
+) -> None:
+    """Writes the two adapter files into an existing directory (not atomic by itself: see save_adapter)."""
+    config = peft_config(model, adapter, base_model_name_or_path)
+    tensors = {key: p.detach().contiguous().cpu() for key, p in adapter_parameters(model, adapter).items()}
+    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_adapter_config(directory: Path) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -13,7 +15,7 @@ import torch
 
 from lorakit.atomic import atomic_file
 
-__all__ = ["error_bars_plot", "loss_plot", "save_figure", "spectrum_plot"]
+__all__ = ["error_bars_plot", "loss_plot", "save_figure", "spectrum_plot", "training_plot"]
 
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
@@ -75,4 +77,21 @@ def loss_plot(curves: Mapping[str, Sequence[float]], path: str | os.PathLike) ->
         if losses and min(losses) > 0:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def training_plot(metrics_jsonl: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Training loss per step from a metrics.jsonl log, with eval loss where there is one."""
+    lines = Path(metrics_jsonl).read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    if train:
+        ax.plot(*zip(*train, strict=True), linewidth=1, label="training loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set(title="Fine-tuning", xlabel="optimizer step", ylabel="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
     save_figure(fig, path)

@@ -1,0 +1,467 @@
+"""Fine-tuning a transformers model with LoRA on local data: the loop behind `lorakit finetune`.
+
+    result = lk.train(lk.TrainConfig(model="path/to/model", data="train.jsonl", out="run", steps=200))
+
+One optimizer step = `grad_accum` global micro-batches of `batch_size` examples per process. The loss is
+the sum over every predicted token (causal-lm) or example (seq-cls) of the step divided by their global
+count, so one process with batch 8 and two with batch 4 take the same step.
+
+Under torchrun each process takes its slice of every global micro-batch and only rank 0 writes files.
+Gradients are averaged with DistributedDataParallel; with `fsdp=True` the frozen base model is sharded
+with FSDP2 (`fully_shard`) while the small trainable adapter stays whole on every process and its
+gradients are all-reduced after each step.
+
+Every `save_every` steps an atomic checkpoint (lorakit.checkpoint) holds the adapter, the optimizer,
+the scheduler and the RNG states; the data order is a function of (seed, step), so `resume=True` continues
+bit for bit where the newest checkpoint stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from lorakit.atomic import write_text_atomic
+from lorakit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.config import LoraConfig
+from lorakit.data import IGNORE_INDEX, TextDataset, collate, epoch_order, read_records
+from lorakit.files import save_adapter
+from lorakit.model import adapter_parameters, inject, parameter_counts
+from lorakit.plots import training_plot
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+TASKS = ("causal-lm", "seq-cls")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `lk.train` needs. Paths are local directories or files; see `lorakit finetune --help`."""
+
+    model: str
+    data: str
+    out: str
+    task: Literal["causal-lm", "seq-cls"] = "causal-lm"
+    text_field: str = "text"
+    label_field: str = "label"
+    targets: str | list[str] = "all-linear"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lr: float = 2e-4
+    lr_ratio: float = 1.0  # LoRA+: B learns lr_ratio times faster than A
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    epochs: int = 1
+    steps: int | None = None  # overrides epochs
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    max_length: int = 256
+    eval_data: str | None = None
+    save_every: int = 0  # 0: only the final adapter
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    fsdp: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        checks = [
+            (self.r, "--r", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+            (self.alpha, "--alpha", math.isfinite, "a finite number"),
+            (self.lr, "--lr", lambda v: v > 0, "positive"),
+            (self.lr_ratio, "--lr-ratio", lambda v: v > 0, "positive"),
+            (self.dropout, "--dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+            (self.warmup_ratio, "--warmup-ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+            (self.epochs, "--epochs", lambda v: v > 0, "a positive integer"),
+            (self.batch_size, "--batch-size", lambda v: v > 0, "a positive integer"),
+            (self.grad_accum, "--grad-accum", lambda v: v > 0, "a positive integer"),
+            (self.max_length, "--max-length", lambda v: v >= 2, "at least 2"),
+            (self.save_every, "--save-every", lambda v: v >= 0, ">= 0"),
+            (self.keep_checkpoints, "--keep-checkpoints", lambda v: v > 0, "a positive integer"),
+        ]
+        if self.steps is not None:
+            checks.append((self.steps, "--steps", lambda v: v > 0, "a positive integer"))
+        for value, flag, ok, what in checks:
+            if isinstance(value, bool) or not ok(value):
+                raise ValueError(f"{flag} must be {what}, got {value}")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    final_loss: float | None
+    eval: dict[str, float]
+    seconds: float
+
+
+# -- processes ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool = False  # this run started the process group, so it ends it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def start_processes() -> Processes:
+    """torchrun's environment → one process group (nccl on GPU, gloo on CPU); a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return Processes(rank, world, device, owns_group)
+
+
+# -- model and data --------------------------------------------------------------------------------------
+
+
+def load_model_and_tokenizer(path: str, task: str, num_labels: int | None) -> tuple[nn.Module, Any]:
+    """A transformers model and its tokenizer from a local directory (or a hub name, where there is network)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    local = Path(path)
+    looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
+    if looks_local and not local.is_dir():
+        raise FileNotFoundError(f"no model directory at {path}")
+    if looks_local and not (local / "config.json").is_file():
+        raise ValueError(f"{path} is not a transformers model directory (no config.json)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here: LoRA trains it
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if task == "seq-cls":
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot load the model or tokenizer from {path}: {str(error).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the tokenizer in {path} has no pad, eos or unk token to pad batches with")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """The summed loss of a batch (over predicted tokens for causal-lm, over examples for seq-cls)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if task == "seq-cls":
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    # token t predicts token t + 1
+    shifted = logits[:, :-1].float()
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def loss_count(batch: dict[str, torch.Tensor], task: str) -> int:
+    return len(batch["labels"]) if task == "seq-cls" else int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """State of one run. `lk.train(config)` builds one and calls `run()`."""
+
+    def __init__(self, config: TrainConfig, console: Console | None = None):
+        self.config = config
+        self.console = console or Console(highlight=False, soft_wrap=True, stderr=True)
+        self.procs = start_processes()
+        self.out = Path(config.out)
+        # everything that can fail on bad input happens here, before any file is written
+        records = read_records(config.data, config.text_field, config.label_field if config.task == "seq-cls" else None)
+        eval_records = (
+            read_records(config.eval_data, config.text_field, config.label_field if config.task == "seq-cls" else None)
+            if config.eval_data
+            else None
+        )
+        labels = sorted({r["label"] for r in records}, key=str) if config.task == "seq-cls" else None
+        torch.manual_seed(config.seed)
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            config.model, config.task, len(labels) if labels else None
+        )
+        self.train_set = TextDataset(records, self.tokenizer, config.task, config.max_length, labels)
+        self.eval_set = (
+            TextDataset(eval_records, self.tokenizer, config.task, config.max_length, labels) if eval_records else None
+        )
+        self.global_micro = config.batch_size * self.procs.world
+        micro_per_epoch = len(self.train_set) // self.global_micro
+        self.steps_per_epoch = micro_per_epoch // config.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.train_set)} examples make no full step of {config.grad_accum} × {self.global_micro} "
+                "examples: lower --batch-size or --grad-accum"
+            )
+        self.total_steps = config.steps or config.epochs * self.steps_per_epoch
+        lora = LoraConfig(
+            r=config.r,
+            alpha=config.alpha,
+            target_modules=config.targets,
+            dropout=config.dropout,
+            task_type="SEQ_CLS" if config.task == "seq-cls" else "CAUSAL_LM",
+        )
+        inject(self.model, lora)
+        self.model.to(self.procs.device)
+        self.optimizer = self._optimizer()
+        warmup = int(config.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: linear_schedule(step, warmup, self.total_steps)
+        )
+        self.start_step = 0
+        if config.resume:
+            self._resume()
+        self.trained = self._distribute()
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; with lr_ratio ≠ 1, LoRA+ (Hayou et al. 2024): the B factors learn lr_ratio times faster."""
+        params = adapter_parameters(self.model)
+        b_keys = {k for k in params if k.endswith(("lora_B.weight", "lora_embedding_B"))}
+        groups = [{"params": [p for k, p in params.items() if k not in b_keys], "lr": self.config.lr}]
+        if b_keys:
+            b_params = [p for k, p in params.items() if k in b_keys]  # in model order: checkpoints depend on it
+            groups.append({"params": b_params, "lr": self.config.lr * self.config.lr_ratio})
+        return torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.out)
+        if path is None:
+            self.say("--resume: no checkpoint yet, starting from the beginning")
+            return
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.start_step = state["step"]
+        self.say(f"resumed from {path} (step {self.start_step} of {self.total_steps})")
+        if self.procs.main:
+            keep_metrics_until(self.out / "metrics.jsonl", self.start_step)
+
+    def _distribute(self) -> nn.Module:
+        """The module the loop calls: the model itself, DDP around it, or FSDP2 shards of its frozen base."""
+        if self.procs.world == 1:
+            return self.model
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # one order on every process
+        if self.config.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            block_names = set(getattr(self.model, "_no_split_modules", None) or [])
+            blocks = [m for m in self.model.modules() if type(m).__name__ in block_names]
+            for module in blocks:
+                fully_shard(module, ignored_params=set(trainable))
+            fully_shard(self.model, ignored_params=set(trainable))
+            self.say(f"FSDP2: frozen base sharded over {self.procs.world} processes ({len(blocks)} blocks + root)")
+            for p in trainable:  # the adapter is replicated: every process starts from rank 0's copy
+                dist.broadcast(p.data, src=0)
+            return self.model
+        device_ids = [self.procs.device.index] if self.procs.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def say(self, message: str) -> None:
+        if self.procs.main:
+            self.console.print(message)
+
+    def micro_batches(self, step: int) -> list[tuple[dict, int]]:
+        """This process's slice of each global micro-batch of optimizer step `step`, with the global count."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.train_set), self.config.seed, epoch)
+        batches = []
+        for k in range(self.config.grad_accum):
+            start = (in_epoch * self.config.grad_accum + k) * self.global_micro
+            whole = order[start : start + self.global_micro].tolist()
+            mine = whole[self.procs.rank * self.config.batch_size : (self.procs.rank + 1) * self.config.batch_size]
+            pad = self.tokenizer.pad_token_id
+            global_count = loss_count(
+                collate([self.train_set.examples[i] for i in whole], pad, self.config.task), self.config.task
+            )
+            batch = collate([self.train_set.examples[i] for i in mine], pad, self.config.task)
+            batches.append(({k2: v.to(self.procs.device) for k2, v in batch.items()}, global_count))
+        return batches
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        """One optimizer step; returns its loss (global mean) and the tokens it processed."""
+        self.trained.train()
+        batches = self.micro_batches(step)
+        total = sum(count for _, count in batches)
+        ddp = isinstance(self.trained, nn.parallel.DistributedDataParallel)
+        summed, tokens = 0.0, 0
+        for k, (batch, _) in enumerate(batches):
+            last = k == len(batches) - 1
+            sync = self.trained.no_sync() if ddp and not last else nullcontext()
+            with sync:
+                loss = loss_sum(self.trained, batch, self.config.task)
+                # DDP averages gradients over processes, so scale by world to get sum / global count
+                (loss * (self.procs.world if ddp else 1) / max(total, 1)).backward()
+            summed += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        if self.config.fsdp and self.procs.world > 1:
+            for p in self.model.parameters():
+                if p.requires_grad and p.grad is not None:
+                    dist.all_reduce(p.grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        summed, tokens = self.procs.all_sum([summed, float(tokens)])
+        return summed / max(total, 1), int(tokens)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss (and accuracy for seq-cls) on the eval data, each process on its share."""
+        if self.eval_set is None:
+            return {}
+        self.trained.eval()
+        n = len(self.eval_set)
+        mine = list(range(self.procs.rank, n, self.procs.world))
+        summed = count = correct = 0.0
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(mine), self.config.batch_size):
+            batch = collate(
+                [self.eval_set.examples[i] for i in mine[start : start + self.config.batch_size]], pad, self.config.task
+            )
+            batch = {k: v.to(self.procs.device) for k, v in batch.items()}
+            summed += float(loss_sum(self.trained, batch, self.config.task))
+            count += loss_count(batch, self.config.task)
+            if self.config.task == "seq-cls":
+                logits = self.trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                correct += float((logits.argmax(-1) == batch["labels"]).sum())
+        summed, count, correct = self.procs.all_sum([summed, count, correct])
+        result = {"eval_loss": summed / max(count, 1)}
+        if self.config.task == "seq-cls":
+            result["eval_accuracy"] = correct / n
+        return result
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.procs.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(self, step: int) -> None:
+        if self.procs.main:
+            save_checkpoint(
+                self.out,
+                step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                {"total_steps": self.total_steps},
+                self.config.keep_checkpoints,
+            )
+        if self.procs.world > 1:
+            dist.barrier()
+
+    def run(self) -> TrainResult:
+        started = time.perf_counter()
+        config = self.config
+        self.say(
+            f"training {config.model} ({config.task}) on {len(self.train_set)} examples: {self.total_steps} steps of "
+            f"{config.grad_accum} × {self.global_micro} examples on {self.procs.world} process(es)"
+        )
+        trainable, total = parameter_counts(self.model)
+        self.say(f"LoRA r={config.r}, α={config.alpha:g}: {trainable:,} trainable of {total:,} parameters")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        loss = None
+        if self.start_step == 0 and self.eval_set is not None:
+            self.log({"step": 0, **self.evaluate()})
+        with Progress(*columns, console=self.console, disable=not (config.progress and self.procs.main)) as bar:
+            task = bar.add_task("training", total=self.total_steps, completed=self.start_step)
+            for step in range(self.start_step, self.total_steps):
+                tick = time.perf_counter()
+                loss, tokens = self.train_step(step)
+                speed = tokens / max(time.perf_counter() - tick, 1e-9)
+                done = step + 1
+                self.log(
+                    {
+                        "step": done,
+                        "epoch": round(done / self.steps_per_epoch, 4),
+                        "loss": loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_per_second": round(speed, 1),
+                    }
+                )
+                bar.update(task, advance=1, description=f"loss {loss:.4f} · {speed:,.0f} tok/s")
+                if config.save_every and done % config.save_every == 0 and done < self.total_steps:
+                    if self.eval_set is not None:
+                        self.log({"step": done, **self.evaluate()})
+                    self.checkpoint(done)
+        evaluation = self.evaluate()
+        if evaluation:
+            self.log({"step": self.total_steps, **evaluation})
+            self.say("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
+        if self.procs.main:
+            save_adapter(self.model, self.out, base_model_name_or_path=config.model)
+            write_text_atomic(self.out / "train_config.json", json.dumps(asdict(config), indent=2) + "\n")
+            if self.train_set.labels is not None:
+                write_text_atomic(self.out / "labels.json", json.dumps(self.train_set.labels) + "\n")
+            training_plot(self.out / "metrics.jsonl", self.out / "loss.png")
+            self.say(f"adapter saved in {self.out}/ (loss plot: {self.out / 'loss.png'})")
+        if self.procs.world > 1:
+            dist.barrier()
+        if self.procs.owns_group:
+            dist.destroy_process_group()
+        return TrainResult(self.out, self.total_steps, loss, evaluation, time.perf_counter() - started)
+
+
+def linear_schedule(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """On resume: drop the log lines of steps after the checkpoint (the interrupted run's tail)."""
+    if path.is_file():
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
+    """Fine-tunes `config.model` with LoRA on `config.data` and writes a PEFT-format adapter to `config.out`."""
+    return Trainer(config, console).run()

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny transformers Llama with its own word-level tokenizer, and data files for it."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = [
+    *("the", "a", "cat", "dog", "sat", "on", "mat", "ran", "to", "park", "sun", "is", "hot", "cold"),
+    *("rain", "falls", "day", "night", "good", "bad", "movie", "film", "great"),
+]
+SENTENCES = ["the cat sat on the mat", "a dog ran to the park", "the sun is hot", "rain falls day and night"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 32) and a word-level tokenizer, saved with save_pretrained: no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(vocab),
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def word_data(tmp_path_factory) -> Path:
+    """64 lines, JSONL: four short sentences in random order, something the tiny model can learn."""
+    rng = random.Random(0)
+    rows = [{"text": rng.choice(SENTENCES)} for _ in range(64)]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)

@@ -1,0 +1,65 @@
+"""Reading, tokenizing and batching training data (lorakit.data)."""
+
+import pytest
+import torch
+
+from lorakit.data import IGNORE_INDEX, Example, collate, epoch_order, read_records
+
+
+def test_reads_jsonl_csv_and_plain_text(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one", "label": 1}\n\n{"text": "two", "label": 0}\n')
+    (tmp_path / "a.csv").write_text('text,label\n"one, with comma",pos\ntwo,neg\n')
+    (tmp_path / "a.txt").write_text("first line\n\nsecond line\n")
+    assert read_records(tmp_path / "a.jsonl", label_field="label") == [
+        {"text": "one", "label": 1},
+        {"text": "two", "label": 0},
+    ]
+    assert read_records(tmp_path / "a.csv", label_field="label")[0] == {"text": "one, with comma", "label": "pos"}
+    assert read_records(tmp_path / "a.txt") == [{"text": "first line"}, {"text": "second line"}]
+
+
+def test_custom_field_names(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"body": "hello", "topic": "x"}\n')
+    assert read_records(tmp_path / "a.jsonl", "body", "topic") == [{"text": "hello", "label": "x"}]
+
+
+@pytest.mark.parametrize(
+    "name, content, label_field, message",
+    [
+        ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', None, r"line 2 is not valid JSON"),
+        ("list.jsonl", '{"text": "ok"}\n[1, 2]\n', None, r"line 2 is not a JSON object"),
+        ("empty.jsonl", "\n\n", None, r"the dataset is empty"),
+        ("empty.txt", "", None, r"the dataset is empty"),
+        ("nofield.jsonl", '{"text": "a"}\n{"body": "b"}\n', None, r"line 2 has no field 'text' \(fields: body\)"),
+        ("nolabel.jsonl", '{"text": "a"}\n', "label", r"line 1 has no field 'label'"),
+        ("num.jsonl", '{"text": 5}\n', None, r"line 1: field 'text' must be text"),
+        ("nolabel.csv", "text\nhello\n", "label", r"line 2 has no field 'label'"),
+        ("labels.txt", "hello\n", "label", r"a plain text file has no label field"),
+    ],
+)
+def test_bad_files_name_the_problem_and_the_line(tmp_path, name, content, label_field, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_records(tmp_path / name, label_field=label_field)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no data file at"):
+        read_records(tmp_path / "nope.jsonl")
+
+
+def test_collate_pads_right_and_masks_padding_out_of_the_loss():
+    batch = collate([Example([5, 6, 7]), Example([8])], pad_id=0, task="causal-lm")
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    labelled = collate([Example([1, 2], 3), Example([4], 0)], pad_id=0, task="seq-cls")
+    assert labelled["labels"].tolist() == [3, 0]
+
+
+def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
+    a = epoch_order(50, seed=3, epoch=1)
+    assert sorted(a.tolist()) == list(range(50))
+    assert torch.equal(a, epoch_order(50, seed=3, epoch=1))
+    assert not torch.equal(a, epoch_order(50, seed=3, epoch=2))
+    assert not torch.equal(a, epoch_order(50, seed=4, epoch=1))

