@@ -29,25 +29,32 @@ from lorakit.model import (
     unmerge,
 )
 from lorakit.parametrize import LoRAParametrization
+from lorakit.svd_tools import AdapterState, combine, compare, extract, inspect, resize
 from lorakit.train import TrainConfig, TrainResult, train
 
 __all__ = [
     "BASE",
+    "AdapterState",
     "LoRAParametrization",
     "LoraConfig",
     "TrainConfig",
     "TrainResult",
     "adapter_names",
+    "combine",
+    "compare",
     "delete_adapter",
     "disabled",
+    "extract",
     "forward_per_sample",
     "inject",
+    "inspect",
     "load_adapter",
     "lora_state_dict",
     "lowrank",
     "merge",
     "merge_and_unload",
     "parameter_counts",
+    "resize",
     "save_adapter",
     "set_adapter",
     "train",

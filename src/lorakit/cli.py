@@ -10,11 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lorakit.commands import demo, finetune, rank
+from lorakit.commands import demo, finetune, rank, svd
 
 __all__ = ["main"]
 
-COMMANDS = (demo, finetune, rank)
+COMMANDS = (demo, finetune, rank, svd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from lorakit.svd_init import is_svd_init
+
 __all__ = ["ALL_LINEAR", "BIAS_MODES", "INIT_MODES", "LoraConfig", "matches_target", "pattern_value"]
 
 ALL_LINEAR = "all-linear"
@@ -30,7 +32,9 @@ class LoraConfig:
 
     r: rank of the update; alpha: its scale numerator; dropout: on the adapter's input only.
     init: "kaiming" (A kaiming-uniform with a=√5, B = 0), "gaussian" (A ~ N(0, init_std²), B = 0,
-    init_std defaults to 1/r) or False (both random, a non-zero adapter for tests).
+    init_std defaults to 1/r), False (both random, a non-zero adapter for tests), or one of the inits
+    from the SVD or QR of the weight, "pissa", "pissa_niter_K", "milora", "olora" (lorakit.svd_init),
+    which move the start of training into the weight's own directions and leave W − s·B·A as the base.
     bias: which base biases train, "none", "all" or "lora_only" (those of adapted layers).
     modules_to_save: modules (matched like a target list) trained as full copies, e.g. a new classifier.
     task_type: written to the PEFT config file (e.g. "CAUSAL_LM"); "SEQ_CLS" adds the heads "classifier"
@@ -42,7 +46,7 @@ class LoraConfig:
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     dropout: float = 0.0
-    init: Literal["kaiming", "gaussian"] | bool = "kaiming"
+    init: str | bool = "kaiming"
     init_std: float | None = None
     use_rslora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -78,8 +82,10 @@ class LoraConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init is True:
             self.init = "kaiming"
-        if self.init not in INIT_MODES:
-            raise ValueError(f"init must be one of {INIT_MODES}, got {self.init!r}")
+        if self.init not in INIT_MODES and not is_svd_init(self.init):
+            raise ValueError(
+                f"init must be one of {INIT_MODES}, 'pissa', 'pissa_niter_K', 'milora' or 'olora', got {self.init!r}"
+            )
         if self.init_std is not None and not (math.isfinite(self.init_std) and self.init_std > 0):
             raise ValueError(f"init_std must be a positive number, got {self.init_std}")
         if self.bias not in BIAS_MODES:

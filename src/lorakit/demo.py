@@ -31,6 +31,7 @@ from torch import nn
 import lorakit as lk
 from lorakit import lowrank
 from lorakit.atomic import atomic_file, write_text_atomic
+from lorakit.console import make_console
 from lorakit.plots import error_bars_plot, loss_plot, spectrum_plot
 from lorakit.report import write_report
 
@@ -187,7 +188,7 @@ def low_rank_view(model: nn.Module, rank: int) -> list[dict]:
 
 def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
     """Runs the whole experiment, writes its files into `settings.out`, returns the metrics."""
-    console = console or Console(highlight=False, soft_wrap=True)
+    console = console or make_console()
     started = time.perf_counter()
     out = settings.out
     _check_writable(out)

@@ -9,6 +9,7 @@ any reason leaves the model exactly as it was.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from lorakit.model import (
     mark_trainable,
     set_adapter,
 )
+from lorakit.svd_init import is_svd_init, to_plain_lora
 
 __all__ = [
     "CONFIG_NAME",
@@ -67,7 +69,8 @@ def peft_config(model: nn.Module, adapter: str, base_model_name_or_path: str | N
     check_known(model, [adapter])
     config = configs(model)[adapter]
     paths = [path for path, layer in lora_layers(model) if adapter in layer.lora_A]
-    init = {"kaiming": True, "gaussian": "gaussian", False: False}[config.init]
+    # SVD inits are written by name: PEFT (and lorakit) re-run them on the original weight when loading
+    init = {"kaiming": True, "gaussian": "gaussian", False: False}.get(config.init, config.init)
     return {
         "peft_type": "LORA",
         "task_type": config.task_type,
@@ -104,22 +107,53 @@ def save_adapter(
     directory: str | os.PathLike,
     adapter: str = "default",
     base_model_name_or_path: str | None = None,
+    convert_to_lora: bool = False,
 ) -> Path:
-    """Writes `adapter` as a PEFT adapter directory, atomically. Returns the directory."""
+    """Writes `adapter` as a PEFT adapter directory, atomically. Returns the directory.
+
+    convert_to_lora=True, for adapters initialised from the weight (PiSSA, MiLoRA, OLoRA), writes the
+    equivalent plain LoRA of rank 2r relative to the original weight instead, which loads onto an
+    untouched base model (as PEFT's `path_initial_model_for_weight_conversion` does).
+    """
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
-        write_adapter(model, tmp, adapter, base_model_name_or_path)
+        write_adapter(model, tmp, adapter, base_model_name_or_path, convert_to_lora)
     return directory
 
 
 def write_adapter(
-    model: nn.Module, directory: Path, adapter: str = "default", base_model_name_or_path: str | None = None
+    model: nn.Module,
+    directory: Path,
+    adapter: str = "default",
+    base_model_name_or_path: str | None = None,
+    convert_to_lora: bool = False,
 ) -> None:
     """Writes the two adapter files into an existing directory (not atomic by itself: see save_adapter)."""
     config = peft_config(model, adapter, base_model_name_or_path)
-    tensors = {key: p.detach().contiguous().cpu() for key, p in adapter_parameters(model, adapter).items()}
+    tensors = {key: p.detach() for key, p in adapter_parameters(model, adapter).items()}
+    if convert_to_lora and is_svd_init(configs(model)[adapter].init):
+        for path, layer in lora_layers(model):
+            if adapter in layer.lora_A and layer.initial_factors(adapter) is not None:
+                A0, B0 = layer.initial_factors(adapter)
+                A, B = to_plain_lora(layer.lora_A[adapter].detach(), layer.lora_B[adapter].detach(), A0, B0)
+                tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = A, B
+        config = doubled_rank_config(config)
+    tensors = {key: t.contiguous().cpu() for key, t in tensors.items()}
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def doubled_rank_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config of the rank-2r plain LoRA: r and every rank doubled, α scaled so that s is unchanged."""
+    alpha_factor = math.sqrt(2) if config["use_rslora"] else 2  # α/√r or α/r stays the same at 2r
+    return {
+        **config,
+        "r": 2 * config["r"],
+        "lora_alpha": config["lora_alpha"] * alpha_factor,
+        "rank_pattern": {k: 2 * v for k, v in config["rank_pattern"].items()},
+        "alpha_pattern": {k: v * alpha_factor for k, v in config["alpha_pattern"].items()},
+        "init_lora_weights": True,
+    }
 
 
 def read_adapter_config(directory: Path) -> dict[str, Any]:
@@ -145,6 +179,8 @@ def config_from_peft(raw: dict[str, Any], where: str = CONFIG_NAME) -> LoraConfi
         if raw.get(option, neutral) not in (neutral, [], {}):
             raise ValueError(f"{where}: {option}={raw[option]!r} is not supported by lorakit")
     init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init not in ("gaussian", "orthogonal") and not is_svd_init(init):
+        raise ValueError(f"{where}: init_lora_weights={init!r} is not supported by lorakit")
     try:
         return LoraConfig(
             r=raw.get("r", 8),
@@ -152,7 +188,7 @@ def config_from_peft(raw: dict[str, Any], where: str = CONFIG_NAME) -> LoraConfi
             target_modules=raw.get("target_modules"),
             exclude_modules=raw.get("exclude_modules"),
             dropout=raw.get("lora_dropout", 0.0) or 0.0,
-            init="gaussian" if init == "gaussian" else "kaiming",
+            init=init if is_svd_init(init) or init == "gaussian" else "kaiming",
             use_rslora=bool(raw.get("use_rslora", False)),
             bias=raw.get("bias", "none"),
             rank_pattern=raw.get("rank_pattern") or {},
@@ -192,6 +228,8 @@ def load_adapter(
         raise ValueError(f"the model already has an adapter named {adapter!r}; delete it first or pick another name")
     active = active_adapters(model)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    # an SVD init rewrites base weights; keep them to put back exactly if the load fails
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()} if is_svd_init(config.init) else {}
     try:
         inject(model, config, adapter)
         params = adapter_parameters(model, adapter)
@@ -203,8 +241,11 @@ def load_adapter(
                 delete_adapter(model, adapter)
             set_adapter(model, active)
         finally:
-            for name, p in model.named_parameters():
-                p.requires_grad_(requires_grad[name])
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.requires_grad_(requires_grad[name])
+                    if name in weights:
+                        p.copy_(weights[name])
         raise
     with torch.no_grad():
         for key, p in params.items():

@@ -107,9 +107,35 @@ class LoraLayer(nn.Module):
         else:
             nn.init.zeros_(B)
 
+    def remember_initial_factors(self, name: str) -> None:
+        """Keeps A₀ and B₀ of an adapter that started from the weight (PiSSA and friends): the base holds
+        W − s·B₀·A₀ from then on, and the update relative to the original W needs them."""
+        self.register_buffer(f"initial_A_{name}", self.lora_A[name].detach().clone())
+        self.register_buffer(f"initial_B_{name}", self.lora_B[name].detach().clone())
+
+    def initial_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        A0 = getattr(self, f"initial_A_{name}", None)
+        return None if A0 is None else (A0, getattr(self, f"initial_B_{name}"))
+
+    def restore_original_weight(self, name: str) -> None:
+        """W_res + s·B₀·A₀: gives back the weight an SVD-initialised adapter took its start from."""
+        initial = self.initial_factors(name)
+        if initial is not None:
+            A, B = self.lora_A[name], self.lora_B[name]
+            with torch.no_grad():
+                current = A.detach().clone(), B.detach().clone()
+                A.copy_(initial[0])
+                B.copy_(initial[1])
+                self.base.weight += self.delta_weight(name).to(self.base.weight.dtype)
+                A.copy_(current[0])
+                B.copy_(current[1])
+            delattr(self, f"initial_A_{name}")
+            delattr(self, f"initial_B_{name}")
+
     def remove_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge([name])
+        self.restore_original_weight(name)
         del self.lora_A[name], self.lora_B[name]
         del self.scale[name], self.dropout[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]

@@ -28,11 +28,15 @@ __all__ = [
     "approx",
     "approx_error",
     "effective_rank",
+    "effective_rank_of_spectrum",
     "energy",
+    "energy_of_spectrum",
     "factors",
     "pinv",
     "rank",
     "rank_for_energy",
+    "rank_for_energy_of_spectrum",
+    "rank_of_spectrum",
     "singular_values",
     "subspace_similarity",
     "truncated_svd",
@@ -74,24 +78,51 @@ def singular_values(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(as_matrix(M))
 
 
-def default_tolerance(S: torch.Tensor, shape: tuple[int, ...]) -> float:
-    """numpy's `matrix_rank` threshold: σ_max · max(m, n) · eps of the dtype."""
+def default_tolerance(S: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> float:
+    """numpy's `matrix_rank` threshold: σ_max · max(m, n) · eps of the dtype (S's own by default)."""
     if S.numel() == 0:
         return 0.0
-    return float(S.max()) * max(shape) * torch.finfo(S.dtype).eps
+    return float(S.max()) * max(shape) * torch.finfo(dtype or S.dtype).eps
 
 
 def rank(M: torch.Tensor, tol: float | None = None) -> int:
     """Numerical rank: the number of singular values above `tol` (default: numpy's rule)."""
     M = as_matrix(M)
-    S = torch.linalg.svdvals(M)
-    tol = default_tolerance(S, M.shape) if tol is None else tol
-    return int((S > tol).sum())
+    return rank_of_spectrum(torch.linalg.svdvals(M), tuple(M.shape), tol)
 
 
 def effective_rank(M: torch.Tensor) -> float:
     """Roy & Vetterli (2007): exp(H(p)) with p = σ / Σσ. Between 1 and rank(M); 0 for the zero matrix."""
-    S = singular_values(M)
+    return effective_rank_of_spectrum(singular_values(M))
+
+
+def energy(M: torch.Tensor) -> torch.Tensor:
+    """e[k-1] = (σ₁² + … + σ_k²) / Σσᵢ²: non-decreasing, last element exactly 1.
+
+    The zero matrix has no energy to share out; its curve is all ones (nothing is missing at any k).
+    """
+    return energy_of_spectrum(singular_values(M))
+
+
+def rank_for_energy(M: torch.Tensor, fraction: float) -> int:
+    """The smallest k whose top-k directions hold at least `fraction` of the energy (0 for the zero matrix)."""
+    return rank_for_energy_of_spectrum(singular_values(M), fraction)
+
+
+# The same quantities from a spectrum already at hand (say, one computed from LoRA factors).
+
+
+def rank_of_spectrum(
+    S: torch.Tensor, shape: tuple[int, ...], tol: float | None = None, dtype: torch.dtype | None = None
+) -> int:
+    """How many of the singular values S of a matrix of `shape` stand above `tol` (default: numpy's rule,
+    with the eps of `dtype`, by default S's own)."""
+    if tol is None:
+        tol = default_tolerance(S, shape, dtype)
+    return int((S > tol).sum())
+
+
+def effective_rank_of_spectrum(S: torch.Tensor) -> float:
     total = S.sum()
     if total == 0:
         return 0.0
@@ -100,12 +131,7 @@ def effective_rank(M: torch.Tensor) -> float:
     return math.exp(float(-(p * p.log()).sum()))
 
 
-def energy(M: torch.Tensor) -> torch.Tensor:
-    """e[k-1] = (σ₁² + … + σ_k²) / Σσᵢ²: non-decreasing, last element exactly 1.
-
-    The zero matrix has no energy to share out; its curve is all ones (nothing is missing at any k).
-    """
-    S = singular_values(M)
+def energy_of_spectrum(S: torch.Tensor) -> torch.Tensor:
     squares = S.square()
     total = squares.sum()
     if total == 0:
@@ -116,13 +142,12 @@ def energy(M: torch.Tensor) -> torch.Tensor:
     return curve
 
 
-def rank_for_energy(M: torch.Tensor, fraction: float) -> int:
-    """The smallest k whose top-k directions hold at least `fraction` of the energy (0 for the zero matrix)."""
+def rank_for_energy_of_spectrum(S: torch.Tensor, fraction: float) -> int:
     if not 0 < fraction <= 1:
         raise ValueError(f"energy fraction must be in (0, 1], got {fraction}")
-    curve = energy(M)
-    if curve.numel() == 0 or singular_values(M).max() == 0:
+    if S.numel() == 0 or S.max() == 0:
         return 0
+    curve = energy_of_spectrum(S)
     return min(int((curve < fraction).sum()) + 1, curve.numel())
 
 

@@ -22,7 +22,16 @@ import torch
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, matches_target
-from lorakit.layers import LoraEmbedding, LoraLayer, ModuleCopies, PerSampleRouting, is_conv1d, wrap_module
+from lorakit.layers import (
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    ModuleCopies,
+    PerSampleRouting,
+    is_conv1d,
+    wrap_module,
+)
+from lorakit.svd_init import initialise_from_weight, is_svd_init
 
 __all__ = [
     "BASE",
@@ -153,10 +162,17 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
         if isinstance(model.get_submodule(path), LoraLayer):
             raise ValueError(f"{path} carries LoRA adapters and cannot also be a full trainable copy (modules_to_save)")
 
+    from_weight = is_svd_init(config.init)
+    if from_weight:
+        for path, layer in layers.items():
+            if not isinstance(layer, LoraLinear):
+                raise ValueError(f"init={config.init!r} works on Linear and Conv1D layers; {path} is not one")
     for path, layer in layers.items():
         layer.add_adapter(
             adapter, config.rank_for(path), config.scale_for(path), config.dropout, config.init, config.init_std
         )
+        if from_weight:
+            initialise_from_weight(layer, adapter, config.init)
         _set_module(model, path, layer)
     for path in copy_paths:
         module = model.get_submodule(path)
@@ -267,8 +283,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Drops every adapter (unmerging first) and puts the original modules back."""
+    """Drops every adapter (unmerging first) and puts the original modules and weights back."""
     unmerge(model)
+    for _, layer in lora_layers(model):
+        for name in list(layer.lora_A):
+            layer.restore_original_weight(name)
     return _strip(model, keep_copies=False)
 
 

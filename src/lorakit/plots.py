@@ -11,11 +11,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import torch
 
 from lorakit.atomic import atomic_file
 
-__all__ = ["error_bars_plot", "loss_plot", "save_figure", "spectrum_plot", "training_plot"]
+__all__ = [
+    "error_bars_plot",
+    "loss_plot",
+    "save_figure",
+    "similarity_heatmaps",
+    "spectrum_plot",
+    "training_plot",
+]
 
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
@@ -94,4 +102,35 @@ def training_plot(metrics_jsonl: str | os.PathLike, path: str | os.PathLike) -> 
     ax.set(title="Fine-tuning", xlabel="optimizer step", ylabel="loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    save_figure(fig, path)
+
+
+MAX_HEATMAPS = 16
+
+
+def similarity_heatmaps(grids: Mapping[str, Sequence[Sequence[float]]], path: str | os.PathLike) -> None:
+    """One φ(i, j) heatmap per layer (the first 16), i down, j across, on a shared 0–1 colour scale."""
+    names = list(grids)[:MAX_HEATMAPS]
+    columns = min(4, len(names))
+    rows = (len(names) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3 * rows), squeeze=False, layout="constrained")
+    image = None
+    for ax, name in zip(axes.flat, names, strict=False):
+        grid = torch.tensor(grids[name])
+        image = ax.imshow(
+            grid,
+            vmin=0,
+            vmax=1,
+            cmap="viridis",
+            origin="upper",
+            extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5),
+        )
+        ax.set(title=name if len(name) < 36 else "…" + name[-35:], xlabel="j", ylabel="i")
+        ax.title.set_fontsize(8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="φ(i, j)")
     save_figure(fig, path)

@@ -37,6 +37,7 @@ from torch import nn
 from lorakit.atomic import write_text_atomic
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lorakit.config import LoraConfig
+from lorakit.console import make_console
 from lorakit.data import IGNORE_INDEX, TextDataset, collate, epoch_order, read_records
 from lorakit.files import save_adapter
 from lorakit.model import adapter_parameters, inject, parameter_counts
@@ -214,7 +215,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, console: Console | None = None):
         self.config = config
-        self.console = console or Console(highlight=False, soft_wrap=True, stderr=True)
+        self.console = console or make_console(stderr=True)
         self.procs = start_processes()
         self.out = Path(config.out)
         # everything that can fail on bad input happens here, before any file is written

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lorakit import lowrank
+from lorakit.console import make_console
 from lorakit.plots import spectrum_plot
 
 __all__ = ["add_parser", "matrix_stats", "read_matrices"]
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--energy must be in (0, 1], got {args.energy}")
     if args.top < 0:
         parser.error(f"--top must be >= 0, got {args.top}")
-    console = Console(highlight=False, soft_wrap=True)
+    console = make_console()
     if args.example:
         if args.file:
             parser.error("--example takes no FILE")

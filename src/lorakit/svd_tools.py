@@ -1,0 +1,521 @@
+"""SVD tools on adapters as stored: extract one from a fine-tuned model, resize it, combine several, look inside.
+
+An adapter on disk (PEFT's format) is, per layer, two factors and a scale: ΔW = s · B A with B (out × r),
+A (r × in). Everything here works on those factors, never on the full out × in ΔW (except `extract`, whose
+input is a full ΔW): with QR decompositions B = Q_B R_B and Aᵀ = Q_A R_A,
+
+    s · B A = Q_B (s · R_B R_Aᵀ) Q_Aᵀ = (Q_B U) Σ (Q_A V)ᵀ      where s · R_B R_Aᵀ = U Σ Vᵀ is only r × r,
+
+which is the SVD of ΔW at the cost of two thin QRs (`factored_svd`). Truncating it gives the best lower-rank
+adapter (Eckart–Young), and stacking factors ([B₁ | B₂], [A₁ ; A₂]) adds updates exactly.
+
+    state = lk.extract(base_state, tuned_state, energy=0.9)     # a full fine-tune → an adapter
+    small = lk.resize("adapter-dir", r=4)                        # optimal rank-4 version
+    mix = lk.combine(["a", "b"], [0.7, 0.3], method="svd", r=8)  # one adapter from two
+    state.save("out-dir")                                        # PEFT's format, atomically
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lorakit import lowrank
+from lorakit.atomic import atomic_dir
+from lorakit.config import matches_target
+from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, config_from_peft, read_adapter_config, read_adapter_weights
+from lorakit.model import PEFT_PREFIX
+
+__all__ = [
+    "AdapterState",
+    "LayerFactors",
+    "TensorSource",
+    "combine",
+    "compare",
+    "extract",
+    "factored_svd",
+    "inspect",
+    "resize",
+]
+
+KEY_SUFFIXES = {
+    "linear": ("lora_A.weight", "lora_B.weight"),
+    "embedding": ("lora_embedding_A", "lora_embedding_B"),
+}
+
+
+# -- adapters as stored -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerFactors:
+    """One adapted layer: ΔW = scale · B A, with A and B flattened to 2-D (conv kernels into columns)."""
+
+    path: str
+    A: torch.Tensor  # (r × in)
+    B: torch.Tensor  # (out × r)
+    scale: float
+    kind: str = "linear"  # "linear" (Linear, Conv1D, Conv) or "embedding": the file keys differ
+    a_shape: tuple[int, ...] = ()  # stored shapes, to write conv factors back as they were
+    b_shape: tuple[int, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def stored(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New 2-D factors of rank k back in this layer's stored layout."""
+        k = A.shape[0]
+        a_shape = (k, *self.a_shape[1:]) if self.a_shape else tuple(A.shape)
+        b_shape = (self.b_shape[0], k, *self.b_shape[2:]) if self.b_shape else tuple(B.shape)
+        return A.reshape(a_shape), B.reshape(b_shape)
+
+
+@dataclass
+class AdapterState:
+    """An adapter without a model: PEFT's config dict and its tensors under PEFT's keys."""
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    report: dict[str, Any] = field(default_factory=dict)  # what made it (errors, energy), saved beside it
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> AdapterState:
+        directory = Path(directory)
+        raw = read_adapter_config(directory)
+        config_from_peft(raw, str(directory / CONFIG_NAME))  # validates it
+        return cls(raw, read_adapter_weights(directory))
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes adapter_config.json, adapter_model.safetensors (and report.json if any), atomically."""
+        directory = Path(directory)
+        with atomic_dir(directory) as tmp:
+            tensors = {k: t.detach().contiguous().cpu() for k, t in self.tensors.items()}
+            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            text = json.dumps(self.config, indent=2, sort_keys=True) + "\n"
+            (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+            if self.report:
+                (tmp / "report.json").write_text(json.dumps(self.report, indent=2) + "\n", encoding="utf-8")
+        return directory
+
+    def layers(self) -> list[LayerFactors]:
+        """The adapted layers, in file order, with their scales resolved from the config."""
+        config = config_from_peft(self.config)
+        found = []
+        for key, A in self.tensors.items():
+            for kind, (a_suffix, b_suffix) in KEY_SUFFIXES.items():
+                if key.endswith("." + a_suffix):
+                    stem = key[: -len(a_suffix)]
+                    path = stem[len(PEFT_PREFIX) :].rstrip(".") if stem.startswith(PEFT_PREFIX) else stem.rstrip(".")
+                    B = self.tensors.get(stem + b_suffix)
+                    if B is None:
+                        raise ValueError(f"adapter has {key} but no {stem + b_suffix}")
+                    r = A.shape[0]
+                    alpha = config.alpha_for(path)
+                    scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+                    found.append(
+                        LayerFactors(
+                            path,
+                            A.reshape(r, -1),
+                            B.reshape(B.shape[0], r),
+                            scale,
+                            kind,
+                            tuple(A.shape),
+                            tuple(B.shape),
+                        )
+                    )
+        if not found:
+            raise ValueError("the adapter has no LoRA factors")
+        if any(not _is_factor_key(k) for k in self.tensors):
+            extra = next(k for k in self.tensors if not _is_factor_key(k))
+            raise ValueError(
+                f"the adapter holds more than LoRA factors ({extra!r}: modules_to_save or biases); "
+                "lorakit's SVD tools work on the factors alone"
+            )
+        return found
+
+
+def _is_factor_key(key: str) -> bool:
+    return key.endswith(tuple(s for pair in KEY_SUFFIXES.values() for s in pair))
+
+
+def _as_state(adapter: str | os.PathLike | AdapterState) -> AdapterState:
+    return adapter if isinstance(adapter, AdapterState) else AdapterState.load(adapter)
+
+
+def state_from_layers(
+    layers: Sequence[LayerFactors], factors: dict[str, tuple[torch.Tensor, torch.Tensor]], template: dict[str, Any]
+) -> AdapterState:
+    """An adapter whose layer `path` has 2-D factors `factors[path]` at scale 1 (α = r for every layer)."""
+    tensors, ranks = {}, {}
+    for layer in layers:
+        A, B = layer.stored(*factors[layer.path])
+        a_suffix, b_suffix = KEY_SUFFIXES[layer.kind]
+        tensors[f"{PEFT_PREFIX}{layer.path}.{a_suffix}"] = A
+        tensors[f"{PEFT_PREFIX}{layer.path}.{b_suffix}"] = B
+        ranks[layer.path] = A.shape[0]
+    r = max(ranks.values())
+    patterns = {re.escape(path): k for path, k in ranks.items() if k != r}
+    config = {
+        "peft_type": "LORA",
+        "task_type": template.get("task_type"),
+        "base_model_name_or_path": template.get("base_model_name_or_path"),
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": patterns,
+        "alpha_pattern": dict(patterns),  # α = r everywhere: every scale is 1
+        "target_modules": sorted(ranks),
+        "exclude_modules": None,
+        "lora_dropout": template.get("lora_dropout", 0.0),
+        "bias": "none",
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "fan_in_fan_out": template.get("fan_in_fan_out", False),
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    return AdapterState(config, tensors)
+
+
+# -- the factored SVD -----------------------------------------------------------------------------------
+
+
+def factored_svd(
+    B: torch.Tensor, A: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD (U, S, Vh) of scale · B A from B (out × r) and A (r × in), never forming out × in."""
+    B, A = B.double(), A.double()
+    Q_B, R_B = torch.linalg.qr(B)  # (out × k), (k × r)
+    Q_A, R_A = torch.linalg.qr(A.mT)  # (in × k'), (k' × r)
+    U, S, Vh = torch.linalg.svd(scale * R_B @ R_A.mT)  # the k × k' core
+    return Q_B @ U, S, Vh @ Q_A.mT
+
+
+def truncated_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of rank k, √Σ on each side, at scale 1."""
+    root = S[:k].sqrt()
+    return root[:, None] * Vh[:k], U[:, :k] * root
+
+
+def frobenius_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
+    """⟨B₁A₁, B₂A₂⟩_F = trace((B₁ᵀB₂)(A₂A₁ᵀ)) from r × r products only."""
+    return float(((B1.double().mT @ B2.double()) * (A1.double() @ A2.double().mT)).sum())
+
+
+def chosen_rank(S: torch.Tensor, shape: tuple[int, int], r: int | None, energy: float | None, where: str) -> int:
+    """A fixed rank (checked against the layer) or the smallest rank holding `energy` of ‖ΔW‖²_F."""
+    if (r is None) == (energy is None):
+        raise ValueError("give exactly one of a rank or an energy fraction")
+    if r is not None:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"rank must be a positive integer, got {r!r}")
+        if r > min(shape):
+            raise ValueError(f"rank {r} is larger than {where} allows (at most {min(shape)})")
+        return r
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy fraction must be in (0, 1], got {energy}")
+    return max(1, lowrank.rank_for_energy_of_spectrum(S, energy))
+
+
+def energy_kept(S: torch.Tensor, k: int) -> float:
+    squares = S.double().square()
+    total = float(squares.sum())
+    return 1.0 if total == 0 else float(squares[:k].sum()) / total
+
+
+# -- extraction --------------------------------------------------------------------------------------------
+
+
+class TensorSource:
+    """Named tensors from a state dict, a .safetensors file or a model directory (one file, or shards with
+    an index), read one at a time so that a large model never sits in memory whole."""
+
+    def __init__(self, source: str | os.PathLike | dict[str, torch.Tensor]):
+        self.memory = source if isinstance(source, dict) else None
+        if self.memory is not None:
+            return
+        self.path = Path(source)
+        if self.path.is_dir():
+            index = self.path / "model.safetensors.index.json"
+            if index.is_file():
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                self.files = {key: self.path / name for key, name in weight_map.items()}
+            else:
+                files = sorted(self.path.glob("*.safetensors"))
+                if not files:
+                    raise FileNotFoundError(f"{self.path} holds no .safetensors weights")
+                self.files = {key: f for f in files for key in _keys(f)}
+        elif self.path.is_file():
+            self.files = {key: self.path for key in _keys(self.path)}
+        else:
+            raise FileNotFoundError(f"no such file or directory: {self.path}")
+
+    def names(self) -> list[str]:
+        return list(self.memory if self.memory is not None else self.files)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self.memory is not None:
+            return tuple(self.memory[key].shape)
+        with safe_open(self.files[key], framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        if self.memory is not None:
+            return self.memory[key]
+        with safe_open(self.files[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def _keys(path: Path) -> list[str]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def module_kinds(model_dir: Path) -> dict[str, str]:
+    """{module path: "linear" | "conv1d" | "embedding"} of a transformers model directory, built on the meta
+    device (no memory, no weights); {} when the directory holds no loadable config."""
+    if not (model_dir.is_dir() and (model_dir / "config.json").is_file()):
+        return {}
+    import transformers
+    from torch import nn
+
+    from lorakit.layers import is_conv1d
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        architecture = getattr(transformers, (config.architectures or [""])[0], None)
+        if architecture is None:
+            return {}
+        with torch.device("meta"):
+            model = architecture._from_config(config)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+    kinds = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            kinds[name] = "embedding"
+        elif is_conv1d(module):
+            kinds[name] = "conv1d"
+        elif isinstance(module, nn.Linear):
+            kinds[name] = "linear"
+    return kinds
+
+
+def extract(
+    base: str | os.PathLike | dict[str, torch.Tensor] | TensorSource,
+    tuned: str | os.PathLike | dict[str, torch.Tensor] | TensorSource,
+    r: int | None = None,
+    energy: float | None = None,
+    targets: list[str] | str | None = None,
+    kinds: dict[str, str] | None = None,
+) -> AdapterState:
+    """A LoRA adapter that approximates a full fine-tune: the truncated SVD of ΔW = W_tuned − W_base.
+
+    `base` / `tuned`: state dicts, .safetensors files or model directories (sharded ones included). Every
+    2-D weight that differs becomes a layer, with rank `r` or the smallest rank holding `energy` of
+    ‖ΔW‖²_F; `targets` (names or a regex, as in LoraConfig) narrows the layers. `kinds` tells which
+    modules are Embedding or transformers Conv1D (read from the model directory when there is one).
+    The report holds each layer's rank, relative Frobenius error and energy kept.
+    """
+    if kinds is None:
+        kinds = module_kinds(Path(base)) if isinstance(base, str | os.PathLike) else {}
+    base_src, tuned_src = (x if isinstance(x, TensorSource) else TensorSource(x) for x in (base, tuned))
+    base_names = set(base_src.names())
+    missing = [k for k in tuned_src.names() if k not in base_names]
+    if missing:
+        raise ValueError(f"TUNED has {len(missing)} tensor(s) BASE lacks, e.g. {missing[0]!r}: not the same model")
+    layers, factors, report = [], {}, {"layers": {}, "unchanged": 0, "other_changed": []}
+    for key in tuned_src.names():
+        if base_src.shape(key) != tuned_src.shape(key):
+            raise ValueError(
+                f"{key} has shape {base_src.shape(key)} in BASE but {tuned_src.shape(key)} in TUNED: not the same model"
+            )
+        w_base, w_tuned = base_src.get(key), tuned_src.get(key)
+        if torch.equal(w_base, w_tuned):
+            report["unchanged"] += 1
+            continue
+        path, _, leaf = key.rpartition(".")
+        if w_base.dim() != 2 or leaf != "weight" or (targets is not None and not matches_target(targets, path)):
+            report["other_changed"].append(key)
+            continue
+        kind = kinds.get(path, "linear")
+        delta = w_tuned.double() - w_base.double()
+        if kind in ("embedding", "conv1d"):
+            delta = delta.mT  # as the update's (out × in): Embedding's ΔW = (BA)ᵀ, Conv1D stores (in × out)
+        shape = tuple(delta.shape)
+        full_spectrum = energy is not None
+        S_all = torch.linalg.svdvals(delta) if full_spectrum else None
+        k = chosen_rank(S_all, shape, r, energy, f"layer {path} ({shape[0]} × {shape[1]})")
+        U, S, Vh = lowrank.truncated_svd(delta, k)
+        A, B = truncated_factors(U, S, Vh, k)
+        error = float(torch.linalg.matrix_norm(delta - B @ A)) / max(float(torch.linalg.matrix_norm(delta)), 1e-300)
+        total = float(delta.square().sum())
+        layers.append(LayerFactors(path, A, B, 1.0, "embedding" if kind == "embedding" else "linear"))
+        factors[path] = (A.to(w_base.dtype), B.to(w_base.dtype))
+        report["layers"][path] = {
+            "shape": list(shape),
+            "rank": k,
+            "relative_error": error,
+            "energy_kept": 1.0 if total == 0 else float(S.square().sum()) / total,
+        }
+    if not layers:
+        raise ValueError("no 2-D weight differs between BASE and TUNED" + (" among the targets" if targets else ""))
+    state = state_from_layers(layers, factors, {"fan_in_fan_out": any(v == "conv1d" for v in kinds.values())})
+    state.report = report
+    return state
+
+
+# -- resize and combine ----------------------------------------------------------------------------------
+
+
+def resize(
+    adapter: str | os.PathLike | AdapterState, r: int | None = None, energy: float | None = None
+) -> AdapterState:
+    """The best adapter of rank r (or of the rank holding `energy` of each layer's ‖ΔW‖²_F), per layer,
+    from the factors alone. Ranks above a layer's current rank are refused (they add nothing)."""
+    state = _as_state(adapter)
+    layers = state.layers()
+    factors, report = {}, {"layers": {}}
+    for layer in layers:
+        U, S, Vh = factored_svd(layer.B, layer.A, layer.scale)
+        k = chosen_rank(S, (layer.rank, layer.rank), r, energy, f"layer {layer.path} (rank {layer.rank})")
+        A, B = truncated_factors(U, S, Vh, k)
+        factors[layer.path] = (A.to(layer.A.dtype), B.to(layer.B.dtype))
+        report["layers"][layer.path] = {
+            "rank_before": layer.rank,
+            "rank": k,
+            "relative_error": math.sqrt(max(0.0, 1 - energy_kept(S, k))),
+            "energy_kept": energy_kept(S, k),
+        }
+    result = state_from_layers(layers, factors, state.config)
+    result.report = report
+    return result
+
+
+def combine(
+    adapters: Sequence[str | os.PathLike | AdapterState],
+    weights: Sequence[float] | None = None,
+    method: Literal["svd", "cat", "linear"] = "svd",
+    r: int | None = None,
+) -> AdapterState:
+    """One adapter for Σ wᵢ ΔWᵢ, per layer (a layer missing from an adapter counts as ΔW = 0 there).
+
+    "cat": exact, stacking [w₁s₁B₁ | w₂s₂B₂ | …] and [A₁ ; A₂ ; …] (rank = sum of ranks);
+    "svd": the best rank-r fit of the sum (default r: the largest input rank), through `factored_svd`;
+    "linear": Σ √|wᵢsᵢ| Aᵢ and Σ ±√|wᵢsᵢ| Bᵢ, for equal ranks: cheap, but its cross terms make it inexact.
+    The report gives each layer's relative Frobenius error against the exact sum.
+    """
+    states = [_as_state(a) for a in adapters]
+    if len(states) < 2:
+        raise ValueError("combine needs at least two adapters")
+    weights = [1.0] * len(states) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(states):
+        raise ValueError(f"got {len(weights)} weights for {len(states)} adapters")
+    if method not in ("svd", "cat", "linear"):
+        raise ValueError(f"method must be 'svd', 'cat' or 'linear', got {method!r}")
+    per_adapter = [{layer.path: layer for layer in s.layers()} for s in states]
+    paths = list(dict.fromkeys(path for layers in per_adapter for path in layers))
+    out_layers, factors, report = [], {}, {"method": method, "weights": weights, "layers": {}}
+    for path in paths:
+        present = [(w, layers[path]) for w, layers in zip(weights, per_adapter, strict=True) if path in layers]
+        _check_same_shapes(path, [layer for _, layer in present])
+        # the exact sum as stacked factors, each term at scale w·s
+        A_cat = torch.cat([layer.A.double() for _, layer in present])
+        B_cat = torch.cat([w * layer.scale * layer.B.double() for w, layer in present], dim=1)
+        if method == "cat":
+            A, B, error = A_cat, B_cat, 0.0
+        elif method == "svd":
+            U, S, Vh = factored_svd(B_cat, A_cat)
+            k = min(r or max(layer.rank for _, layer in present), S.numel())
+            A, B = truncated_factors(U, S, Vh, k)
+            error = math.sqrt(max(0.0, 1 - energy_kept(S, k)))
+        else:
+            ranks = {layer.rank for _, layer in present}
+            if len(ranks) != 1:
+                raise ValueError(f"method 'linear' needs equal ranks; layer {path} has ranks {sorted(ranks)}")
+            A = sum(math.sqrt(abs(w * layer.scale)) * layer.A.double() for w, layer in present)
+            B = sum(
+                math.copysign(math.sqrt(abs(w * layer.scale)), w * layer.scale) * layer.B.double()
+                for w, layer in present
+            )
+            error = relative_difference(B, A, B_cat, A_cat)
+        first = present[0][1]
+        out_layers.append(first)
+        factors[path] = (A.to(first.A.dtype), B.to(first.B.dtype))
+        report["layers"][path] = {"rank": A.shape[0], "relative_error": error}
+    result = state_from_layers(out_layers, factors, states[0].config)
+    result.report = report
+    return result
+
+
+def _check_same_shapes(path: str, layers: list[LayerFactors]) -> None:
+    shapes = {(layer.B.shape[0], layer.A.shape[1], layer.kind) for layer in layers}
+    if len(shapes) > 1:
+        raise ValueError(f"layer {path} has different shapes in the adapters: {sorted(shapes)}")
+
+
+def relative_difference(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
+    """‖B₁A₁ − B₂A₂‖_F / ‖B₂A₂‖_F, from r × r products only."""
+    d2 = frobenius_inner(B1, A1, B1, A1) - 2 * frobenius_inner(B1, A1, B2, A2) + frobenius_inner(B2, A2, B2, A2)
+    reference = frobenius_inner(B2, A2, B2, A2)
+    return math.sqrt(max(d2, 0.0) / reference) if reference > 0 else math.sqrt(max(d2, 0.0))
+
+
+# -- looking inside ----------------------------------------------------------------------------------------
+
+
+def inspect(adapter: str | os.PathLike | AdapterState) -> Iterator[dict[str, Any]]:
+    """Per layer: r, α, scale, the singular values of ΔW (from the factors), numerical and effective rank,
+    and the energy curve."""
+    state = _as_state(adapter)
+    config = config_from_peft(state.config)
+    for layer in state.layers():
+        _, S, _ = factored_svd(layer.B, layer.A, layer.scale)
+        shape = (layer.B.shape[0], layer.A.shape[1])
+        yield {
+            "layer": layer.path,
+            "shape": list(shape),
+            "r": layer.rank,
+            "alpha": config.alpha_for(layer.path),
+            "scale": layer.scale,
+            "singular_values": S.tolist(),
+            "rank": lowrank.rank_of_spectrum(S, shape, dtype=layer.A.dtype),  # round-off of the stored factors
+            "effective_rank": lowrank.effective_rank_of_spectrum(S),
+            "energy": lowrank.energy_of_spectrum(S).tolist(),
+        }
+
+
+def compare(
+    first: str | os.PathLike | AdapterState, second: str | os.PathLike | AdapterState
+) -> Iterator[dict[str, Any]]:
+    """Per layer the two adapters share: the subspace similarity φ(i, j) of their A matrices for every
+    i ≤ r₁, j ≤ r₂ (LoRA paper, section 7) and the cosine similarity of the two ΔW."""
+    one = {layer.path: layer for layer in _as_state(first).layers()}
+    two = {layer.path: layer for layer in _as_state(second).layers()}
+    common = [path for path in one if path in two]
+    if not common:
+        raise ValueError("the two adapters share no layer")
+    for path in common:
+        a, b = one[path], two[path]
+        _check_same_shapes(path, [a, b])
+        phi = [
+            [lowrank.subspace_similarity(a.A, b.A, i, j) for j in range(1, b.rank + 1)] for i in range(1, a.rank + 1)
+        ]
+        inner = frobenius_inner(a.scale * a.B, a.A, b.scale * b.B, b.A)
+        norms = math.sqrt(frobenius_inner(a.scale * a.B, a.A, a.scale * a.B, a.A)) * math.sqrt(
+            frobenius_inner(b.scale * b.B, b.A, b.scale * b.B, b.A)
+        )
+        yield {"layer": path, "r1": a.rank, "r2": b.rank, "phi": phi, "cosine": inner / norms if norms else 0.0}
