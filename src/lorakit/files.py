@@ -227,9 +227,11 @@ def load_adapter(
     if adapter in configs(model):
         raise ValueError(f"the model already has an adapter named {adapter!r}; delete it first or pick another name")
     active = active_adapters(model)
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    # keyed by the parameters themselves: wrapping renames them (q_proj.weight becomes q_proj.base.weight)
+    params_before = list(model.parameters())
+    requires_grad = [p.requires_grad for p in params_before]
     # an SVD init rewrites base weights; keep them to put back exactly if the load fails
-    weights = {name: p.detach().clone() for name, p in model.named_parameters()} if is_svd_init(config.init) else {}
+    weights = [p.detach().clone() for p in params_before] if is_svd_init(config.init) else []
     try:
         inject(model, config, adapter)
         params = adapter_parameters(model, adapter)
@@ -242,10 +244,10 @@ def load_adapter(
             set_adapter(model, active)
         finally:
             with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.requires_grad_(requires_grad[name])
-                    if name in weights:
-                        p.copy_(weights[name])
+                for i, p in enumerate(params_before):
+                    p.requires_grad_(requires_grad[i])
+                    if weights:
+                        p.copy_(weights[i])
         raise
     with torch.no_grad():
         for key, p in params.items():

@@ -167,12 +167,31 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
         for path, layer in layers.items():
             if not isinstance(layer, LoraLinear):
                 raise ValueError(f"init={config.init!r} works on Linear and Conv1D layers; {path} is not one")
+            shape, r = (layer.out_features, layer.in_features), config.rank_for(path)
+            if r > min(shape):
+                raise ValueError(f"init={config.init!r} needs r <= min{shape} ({path}), got r={r}")
+            if config.scale_for(path) == 0:
+                raise ValueError(f"init={config.init!r} needs a non-zero alpha ({path})")
+    # an SVD init rewrites base weights: keep them, so that a failure half-way leaves the model as it was
+    saved = {path: layer.base.weight.detach().clone() for path, layer in layers.items()} if from_weight else {}
+    done = []
+    try:
+        for path, layer in layers.items():
+            layer.add_adapter(
+                adapter, config.rank_for(path), config.scale_for(path), config.dropout, config.init, config.init_std
+            )
+            done.append(path)
+            if from_weight:
+                initialise_from_weight(layer, adapter, config.init)
+    except BaseException:
+        for path in done:
+            layer = layers[path]
+            layer.remove_adapter(adapter)
+            if path in saved:
+                with torch.no_grad():
+                    layer.base.weight.copy_(saved[path])
+        raise
     for path, layer in layers.items():
-        layer.add_adapter(
-            adapter, config.rank_for(path), config.scale_for(path), config.dropout, config.init, config.init_std
-        )
-        if from_weight:
-            initialise_from_weight(layer, adapter, config.init)
         _set_module(model, path, layer)
     for path in copy_paths:
         module = model.get_submodule(path)

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
 
@@ -39,12 +40,12 @@ def spectrum_plot(
     """Left: singular values (log scale) of each named matrix. Right: their cumulative energy."""
     fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
     for name, S in spectra.items():
-        S = S.detach().double().cpu()
-        k = torch.arange(1, S.numel() + 1)
+        S = S.detach().double().cpu().numpy()
+        k = np.arange(1, S.size + 1)
         positive = S > 0
-        ax_s.semilogy(k[positive], S[positive], marker="." if S.numel() < 60 else None, label=name)
-        squares = S.square()
-        curve = squares.cumsum(0) / squares.sum() if squares.sum() > 0 else torch.ones_like(S)
+        ax_s.semilogy(k[positive], S[positive], marker="." if S.size < 60 else None, label=name)
+        squares = S**2
+        curve = squares.cumsum() / squares.sum() if squares.sum() > 0 else np.ones_like(S)
         ax_e.plot(k, curve, label=name)
     ax_s.set(title="Singular values", xlabel="index k", ylabel="σ_k")
     ax_e.set(title="Cumulative energy", xlabel="k", ylabel="Σ σ² up to k / ‖M‖²_F", ylim=(0, 1.02))
@@ -116,7 +117,7 @@ def similarity_heatmaps(grids: Mapping[str, Sequence[Sequence[float]]], path: st
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3 * rows), squeeze=False, layout="constrained")
     image = None
     for ax, name in zip(axes.flat, names, strict=False):
-        grid = torch.tensor(grids[name])
+        grid = np.asarray(grids[name], dtype=float)
         image = ax.imshow(
             grid,
             vmin=0,
