@@ -29,6 +29,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraLinearFunction",
     "ModuleCopies",
     "PerSampleRouting",
     "is_conv1d",
@@ -195,8 +196,65 @@ class LoraLayer(nn.Module):
         return f"adapters=[{ranks}], active={self.active_adapters}, merged={self.merged_adapters}"
 
 
+def base_linear(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """The base layer's own computation on (N, in) rows: nn.Linear's, or Conv1D's addmm with W (in × out)."""
+    if not transposed:
+        return F.linear(x2, W, bias)
+    return torch.addmm(bias, x2, W) if bias is not None else x2 @ W
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + b + s · (x' Aᵀ) Bᵀ for one adapter, x' = dropout(x) (None: x itself), as one autograd node.
+
+    Forward adds the low-rank product into the base output in place (one addmm with s as alpha) and
+    saves only x' and h = x' Aᵀ (N × r). Backward computes just the gradients asked for, and accumulates
+    the input gradient's two terms, g W + s (g B) A, into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, W, bias, A, B, scale, transposed):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xl2 = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1])
+        h = xl2 @ A.t()  # (N, r)
+        y = base_linear(x2, W, bias, transposed)  # (N, out)
+        y.addmm_(h, B.t(), alpha=scale)
+        ctx.save_for_backward(xl2, x2 if W.requires_grad else None, h, W, A, B)
+        ctx.scale, ctx.transposed, ctx.shape, ctx.shared = scale, transposed, x.shape, x_lora is None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        xl2, x2, h, W, A, B = ctx.saved_tensors
+        need_x, need_xl, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:6]
+        g = gy.reshape(-1, gy.shape[-1])  # (N, out)
+        gx = gxl = gW = gb = gA = gB = None
+        if need_A or need_xl or (need_x and ctx.shared):
+            gh = (g @ B).mul_(ctx.scale)  # (N, r)
+        if need_B:
+            gB = (g.t() @ h).mul_(ctx.scale)  # (out, r)
+        if need_A:
+            gA = gh.t() @ xl2  # (r, in)
+        if need_x:
+            gx = g @ (W.t() if ctx.transposed else W)  # (N, in)
+            if ctx.shared:
+                gx.addmm_(gh, A)
+            gx = gx.view(ctx.shape)
+        if need_xl and not ctx.shared:
+            gxl = (gh @ A).view(ctx.shape)
+        if need_W:
+            gW = x2.t() @ g if ctx.transposed else g.t() @ x2
+        if need_b:
+            gb = g.sum(0)
+        return gx, gxl, gW, gb, gA, gB, None, None
+
+
 class LoraLinear(LoraLayer):
-    """nn.Linear, or transformers' Conv1D (weight stored in × out): A (r × in), B (out × r)."""
+    """nn.Linear, or transformers' Conv1D (weight stored in × out): A (r × in), B (out × r).
+
+    With one active adapter (the usual case in training) the forward pass is a single fused autograd node,
+    LoraLinearFunction; anything else (several adapters, mixed batches, dtype mismatches) takes the
+    general path of LoraLayer.
+    """
 
     def __init__(self, base: nn.Module):
         super().__init__(base)
@@ -205,9 +263,46 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base.weight.shape
         else:
             self.out_features, self.in_features = base.weight.shape
+        # the fused path computes the base layer itself: only for the plain classes, not subclasses
+        # (quantized linears and the like) whose forward may differ
+        self.fusable = type(base) is nn.Linear or self.fan_in_fan_out
+        self._stack_cache: tuple | None = None  # mixed batches: stacked factors, reused while unchanged
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.fusable and not (args or kwargs or self.disabled or self.routing is not None):
+            active = self.active_adapters
+            if not self.merged_adapters:
+                if len(active) == 1:
+                    return self.fused_forward(x, active[0])
+            elif all(name in self.merged_adapters for name in active):
+                W, bias = self.base.weight, self.base.bias
+                y = base_linear(x.reshape(-1, x.shape[-1]), W, bias, self.fan_in_fan_out)
+                return y.view(*x.shape[:-1], self.out_features)
+        return super().forward(x, *args, **kwargs)
+
+    def fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        W, bias = self.base.weight, self.base.bias
+        A, B, scale = self.lora_A[name], self.lora_B[name], self.scale[name]
+        if not (x.dtype == W.dtype == A.dtype == B.dtype):
+            return super().forward(x)
+        p = self.dropout[name]
+        x_lora = F.dropout(x, p, self.training) if p > 0 and self.training else None
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or A.requires_grad
+            or B.requires_grad
+            or W.requires_grad
+            or (bias is not None and bias.requires_grad)
+        ):
+            return LoraLinearFunction.apply(x, x_lora, W, bias, A, B, scale, self.fan_in_fan_out)
+        # inference: nothing needs a gradient, so the low-rank product goes straight into the output
+        x2 = x.reshape(-1, x.shape[-1])
+        y = base_linear(x2, W, bias, self.fan_in_fan_out)
+        y.addmm_((x2 if x_lora is None else x_lora.reshape(x2.shape)) @ A.t(), B.t(), alpha=scale)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         # (..., in) -> (..., r) -> (..., out)
@@ -228,9 +323,9 @@ class LoraLinear(LoraLayer):
         return h.reshape(*x.shape[:-1], self.out_features)
 
     def per_sample_dropout(self, h: torch.Tensor, routing: PerSampleRouting) -> torch.Tensor:
-        p = torch.tensor([self.dropout.get(n, 0.0) for n in routing.names], device=h.device)[routing.index]
-        if not self.training or not bool((p > 0).any()):
+        if not self.training or not any(self.dropout.get(n, 0.0) > 0 for n in routing.names):
             return h
+        p = torch.tensor([self.dropout.get(n, 0.0) for n in routing.names], device=h.device)[routing.index]
         keep = (torch.rand_like(h) >= p.view(-1, 1, 1).to(h.dtype)).to(h.dtype)
         return h * keep / (1 - p).view(-1, 1, 1).to(h.dtype)
 
@@ -240,6 +335,13 @@ class LoraLinear(LoraLayer):
         Position 0 (the base model alone) and adapters this layer does not have are all-zero factors.
         """
         present = [n for n in routing.names if n in self.lora_A]
+        params = [p for n in present for p in (self.lora_A[n], self.lora_B[n])]
+        # without gradients the stacks are reused until a factor changes (`_version` counts in-place updates)
+        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        key = (tuple(routing.names), tuple((id(p), p._version) for p in params), tuple(self.scale[n] for n in present))
+        cached = self._stack_cache
+        if cacheable and cached is not None and cached[0] == key:
+            return cached[1], cached[2]
         r_max = max((self.rank(n) for n in present), default=1)
         ref = next(iter(self.lora_A.values()))
         A = ref.new_zeros(len(routing.names), r_max, self.in_features)
@@ -249,6 +351,7 @@ class LoraLinear(LoraLayer):
                 r = self.rank(name)
                 A[position, :r] = self.lora_A[name]
                 B[position, :, :r] = self.lora_B[name] * self.scale[name]
+        self._stack_cache = (key, A, B) if cacheable else None
         return A, B
 
 

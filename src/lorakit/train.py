@@ -41,7 +41,6 @@ from lorakit.console import make_console
 from lorakit.data import IGNORE_INDEX, TextDataset, collate, epoch_order, read_records
 from lorakit.files import save_adapter
 from lorakit.model import adapter_parameters, inject, parameter_counts
-from lorakit.plots import training_plot
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -439,6 +438,8 @@ class Trainer:
             write_text_atomic(self.out / "train_config.json", json.dumps(asdict(config), indent=2) + "\n")
             if self.train_set.labels is not None:
                 write_text_atomic(self.out / "labels.json", json.dumps(self.train_set.labels) + "\n")
+            from lorakit.plots import training_plot  # matplotlib only where a plot is drawn
+
             training_plot(self.out / "metrics.jsonl", self.out / "loss.png")
             self.say(f"adapter saved in {self.out}/ (loss plot: {self.out / 'loss.png'})")
         if self.procs.world > 1:

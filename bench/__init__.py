@@ -1,0 +1,5 @@
+"""lorakit's benchmark suite: lorakit against PEFT and against the floor, measured interleaved.
+
+python -m bench                 # the reference settings; writes bench/results.json and BENCHMARKS.md
+python -m bench --quick         # tiny sizes, to check that the suite runs
+"""
