@@ -14,6 +14,33 @@ WORDS = [
 SENTENCES = ["the cat sat on the mat", "a dog ran to the park", "the sun is hot", "rain falls day and night"]
 
 
+# A tiny Llama: 2 layers, hidden 32, grouped-query attention (4 heads, 2 key-value heads).
+TINY_LLAMA = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=100,
+)
+
+
+def build_tiny_llama():
+    """The tiny Llama with the same weights on every call, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).eval()
+
+
+def build_tiny_gpt2():
+    """A tiny GPT-2 (transformers Conv1D layers), the same weights on every call, in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)).eval()
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -31,15 +58,7 @@ def tiny_llama(tmp_path_factory) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(vocab),
-        max_position_embeddings=64,
-    )
+    config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(vocab), "max_position_embeddings": 64})
     LlamaForCausalLM(config).save_pretrained(path)
     fast.save_pretrained(path)
     return path

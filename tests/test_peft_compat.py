@@ -14,16 +14,13 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import build_tiny_gpt2, build_tiny_llama
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 import lorakit as lk
@@ -75,36 +72,14 @@ TOKENS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3
 CASES = [
     Case(
         "llama",
-        seeded(
-            lambda: LlamaForCausalLM(
-                LlamaConfig(
-                    hidden_size=32,
-                    intermediate_size=64,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    num_key_value_heads=2,
-                    vocab_size=100,
-                )
-            )
-        ),
+        build_tiny_llama,
         lambda: {"input_ids": TOKENS},
         {"r": 4, "alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]},
         {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]},
     ),
     Case(
         "llama-all-linear-rslora-patterns",
-        seeded(
-            lambda: LlamaForCausalLM(
-                LlamaConfig(
-                    hidden_size=32,
-                    intermediate_size=64,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    num_key_value_heads=2,
-                    vocab_size=100,
-                )
-            )
-        ),
+        build_tiny_llama,
         lambda: {"input_ids": TOKENS},
         {
             "r": 4,
@@ -125,7 +100,7 @@ CASES = [
     ),
     Case(
         "gpt2-conv1d",
-        seeded(lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32))),
+        build_tiny_gpt2,
         lambda: {"input_ids": TOKENS},
         {"r": 4, "alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"]},
         {"r": 4, "lora_alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},

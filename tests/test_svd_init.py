@@ -16,10 +16,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_gpt2, build_tiny_llama
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import lorakit as lk
 from lorakit.layers import LoraLayer
@@ -31,25 +31,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
-def build_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def build_gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)).eval()
-
-
-MODELS = {"llama": (build_llama, LLAMA_TARGETS), "gpt2": (build_gpt2, GPT2_TARGETS)}
+MODELS = {"llama": (build_tiny_llama, LLAMA_TARGETS), "gpt2": (build_tiny_gpt2, GPT2_TARGETS)}
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -270,7 +252,7 @@ def test_unconverted_file_names_its_init_and_reloads_with_the_finetuned_outputs(
 @pytest.mark.parametrize("how", ["unload", "merge-then-unload", "delete_adapter"])
 @pytest.mark.parametrize("init", SVD_INITS)
 def test_removing_the_adapter_restores_the_original_weights(init, how):
-    original = state(build_llama())
+    original = state(build_tiny_llama())
     model, _ = finetuned("llama", init)
     if how == "unload":
         lk.unload(model)
@@ -284,7 +266,7 @@ def test_removing_the_adapter_restores_the_original_weights(init, how):
     assert restored.keys() == original.keys()
     for key, value in original.items():
         torch.testing.assert_close(restored[key], value, atol=1e-6, rtol=0, msg=key)
-    torch.testing.assert_close(logits(model), logits(build_llama()), atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(logits(model), logits(build_tiny_llama()), atol=ATOL, rtol=ATOL)
 
 
 def edit_first_factor(directory, rows: int) -> None:
@@ -315,7 +297,7 @@ def test_failed_load_of_a_pissa_file_leaves_the_base_weights_bit_identical(break
     model, _ = finetuned("llama", "pissa", target_modules=["q_proj", "k_proj", "v_proj"])
     lk.save_adapter(model, tmp_path / "adapter")
     break_it(tmp_path / "adapter")
-    fresh = build_llama()
+    fresh = build_tiny_llama()
     before = state(fresh)
     names_before = [name for name, _ in fresh.named_modules()]
     with pytest.raises(ValueError, match=message):
@@ -356,7 +338,7 @@ def test_svd_init_on_an_embedding_or_conv_target_raises_before_changing_anything
 
 @pytest.mark.parametrize("init", SVD_INITS)
 def test_rank_larger_than_the_weight_raises(init):
-    model = build_llama()
+    model = build_tiny_llama()
     with pytest.raises(ValueError, match=r"r <= min\(32, 32\).*r=33"):
         lk.inject(model, lk.LoraConfig(r=33, alpha=33, target_modules=["q_proj"], init=init))
 
@@ -364,7 +346,7 @@ def test_rank_larger_than_the_weight_raises(init):
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_rank_larger_than_one_weight_raises_before_changing_anything(init):
     """q_proj (32 × 32) could take r=20, k_proj (16 × 32) cannot: q_proj must not be left rewritten."""
-    model = build_llama()
+    model = build_tiny_llama()
     before = state(model)
     with pytest.raises(ValueError, match=r"r <= min\(16, 32\)"):
         lk.inject(model, lk.LoraConfig(r=20, alpha=20, target_modules=["q_proj", "k_proj"], init=init))

@@ -19,10 +19,10 @@ import time
 
 import pytest
 import torch
+from conftest import build_tiny_gpt2, build_tiny_llama
 from peft import PeftModel
 from safetensors.torch import save_file
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import lorakit as lk
 from lorakit.cli import main
@@ -41,30 +41,12 @@ PLANTED = {
 }
 
 
-def build_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def build_gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)).eval()
-
-
 def logits(model: nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=TOKENS).logits
 
 
-def base_state(build=build_llama) -> dict[str, torch.Tensor]:
+def base_state(build=build_tiny_llama) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in build().state_dict().items()}
 
 
@@ -82,7 +64,7 @@ def plant(base: dict[str, torch.Tensor], ranks: dict[str, int], seed: int = 0):
     return tuned, deltas
 
 
-def tuned_model(tuned: dict[str, torch.Tensor], build=build_llama) -> nn.Module:
+def tuned_model(tuned: dict[str, torch.Tensor], build=build_tiny_llama) -> nn.Module:
     model = build()
     model.load_state_dict(tuned, strict=False)
     return model
@@ -180,11 +162,11 @@ def test_extracted_adapter_loads_in_peft_and_lorakit_with_the_tuned_logits(how, 
     base = base_state()
     tuned, _ = plant(base, PLANTED)
     expected = logits(tuned_model(tuned))
-    assert not torch.allclose(expected, logits(build_llama()), atol=1e-3)
+    assert not torch.allclose(expected, logits(build_tiny_llama()), atol=1e-3)
     state = lk.extract(base, tuned, **({"r": 5} if how == "rank" else {"energy": 0.999999}))
     state.save(tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "report.json").read_text())["layers"]
-    assert_loads_with_logits(tmp_path / "adapter", build_llama, expected)
+    assert_loads_with_logits(tmp_path / "adapter", build_tiny_llama, expected)
 
 
 def save_llama(directory, state: dict[str, torch.Tensor], layout: str):
@@ -218,7 +200,7 @@ def test_cli_extract_from_model_directories_shards_and_files_loads_with_the_tune
         key.removesuffix(".weight"): k for key, k in PLANTED.items()
     }
     assert all(row["relative_error"] < 1e-5 for row in report["layers"].values())
-    assert_loads_with_logits(tmp_path / "ad", build_llama, expected)
+    assert_loads_with_logits(tmp_path / "ad", build_tiny_llama, expected)
 
 
 def test_cli_extract_round_trips_an_embedding_weight_change(tmp_path, capsys):
@@ -237,20 +219,20 @@ def test_cli_extract_round_trips_an_embedding_weight_change(tmp_path, capsys):
     assert state.tensors[f"{PREFIX}model.embed_tokens.lora_embedding_B"].shape == (32, 3)
     embedding_delta = layer_deltas(state)["model.embed_tokens"]  # (dim × vocab): the update of Wᵀ
     assert relative(embedding_delta.T, deltas["model.embed_tokens.weight"]) < 1e-5
-    assert_loads_with_logits(tmp_path / "ad", build_llama, expected)
+    assert_loads_with_logits(tmp_path / "ad", build_tiny_llama, expected)
 
 
 def test_cli_extract_round_trips_gpt2_conv1d_and_position_embedding_changes(tmp_path, capsys):
-    base = base_state(build_gpt2)
+    base = base_state(build_tiny_gpt2)
     planted = {
         "transformer.h.0.attn.c_attn.weight": 2,  # Conv1D, stored (in × out) = 32 × 96
         "transformer.h.1.mlp.c_proj.weight": 3,  # Conv1D, 128 × 32
         "transformer.wpe.weight": 2,  # Embedding (not tied to the head, unlike wte)
     }
     tuned, deltas = plant(base, planted)
-    expected = logits(tuned_model(tuned, build_gpt2))
-    tuned_model(base, build_gpt2).save_pretrained(tmp_path / "base")
-    tuned_model(tuned, build_gpt2).save_pretrained(tmp_path / "tuned")
+    expected = logits(tuned_model(tuned, build_tiny_gpt2))
+    tuned_model(base, build_tiny_gpt2).save_pretrained(tmp_path / "base")
+    tuned_model(tuned, build_tiny_gpt2).save_pretrained(tmp_path / "tuned")
     code, _, err = run_cli(
         capsys, "extract", tmp_path / "base", tmp_path / "tuned", "--rank", "3", "--out", tmp_path / "ad"
     )
@@ -264,7 +246,7 @@ def test_cli_extract_round_trips_gpt2_conv1d_and_position_embedding_changes(tmp_
     found = layer_deltas(state)
     for key in planted:
         assert relative(found[key.removesuffix(".weight")].T, deltas[key]) < 1e-5
-    assert_loads_with_logits(tmp_path / "ad", build_gpt2, expected)
+    assert_loads_with_logits(tmp_path / "ad", build_tiny_gpt2, expected)
 
 
 # -- adapters by hand --------------------------------------------------------------------------------------
