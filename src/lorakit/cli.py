@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from lorakit import __version__
 from lorakit.commands import demo, finetune, rank, svd
 
 __all__ = ["main"]
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorakit",
         description="LoRA for PyTorch: low-rank tools, adapters, PEFT-compatible files.",
     )
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.add_parser(sub)
