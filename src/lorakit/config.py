@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lorakit.svd_init import is_svd_init
@@ -100,9 +100,6 @@ class LoraConfig:
     def scale_for(self, module_name: str) -> float:
         r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _check_rank(name: str, value: Any) -> None:
