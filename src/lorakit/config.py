@@ -97,8 +97,10 @@ class LoraConfig:
     def alpha_for(self, module_name: str) -> float:
         return pattern_value(self.alpha_pattern, module_name, self.alpha)
 
-    def scale_for(self, module_name: str) -> float:
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+    def scale_for(self, module_name: str, r: int | None = None) -> float:
+        """s = α / r (α / √r with rsLoRA) for a module; `r` overrides the configured rank (say, a file's)."""
+        r = self.rank_for(module_name) if r is None else r
+        alpha = self.alpha_for(module_name)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 

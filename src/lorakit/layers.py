@@ -74,9 +74,13 @@ class LoraLayer(nn.Module):
         """s · B A applied to x (dropout included), shaped like the base output."""
         raise NotImplementedError
 
+    def delta_from(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        """Factors A, B at scale s as a full update of base.weight (same shape)."""
+        raise NotImplementedError
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """The adapter as a full update of base.weight (same shape), scale included."""
-        raise NotImplementedError
+        return self.delta_from(self.lora_A[name], self.lora_B[name], self.scale[name])
 
     # -- adapters ----------------------------------------------------------------------------------
     @property
@@ -122,14 +126,8 @@ class LoraLayer(nn.Module):
         """W_res + s·B₀·A₀: gives back the weight an SVD-initialised adapter took its start from."""
         initial = self.initial_factors(name)
         if initial is not None:
-            A, B = self.lora_A[name], self.lora_B[name]
             with torch.no_grad():
-                current = A.detach().clone(), B.detach().clone()
-                A.copy_(initial[0])
-                B.copy_(initial[1])
-                self.base.weight += self.delta_weight(name).to(self.base.weight.dtype)
-                A.copy_(current[0])
-                B.copy_(current[1])
+                self.base.weight += self.delta_from(*initial, self.scale[name]).to(self.base.weight.dtype)
             delattr(self, f"initial_A_{name}")
             delattr(self, f"initial_B_{name}")
 
@@ -308,8 +306,8 @@ class LoraLinear(LoraLayer):
         # (..., in) -> (..., r) -> (..., out)
         return F.linear(F.linear(self.dropped(x, name), self.lora_A[name]), self.lora_B[name]) * self.scale[name]
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        delta = (self.lora_B[name] @ self.lora_A[name]) * self.scale[name]  # (out × in)
+    def delta_from(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        delta = (B @ A) * scale  # (out × in)
         return delta.T if self.fan_in_fan_out else delta
 
     def per_sample_output(self, x: torch.Tensor, routing: PerSampleRouting) -> torch.Tensor:
@@ -378,8 +376,8 @@ class LoraEmbedding(LoraLayer):
         # (..., ) tokens -> (..., r) -> (..., dim); dropout does not apply to token ids
         return self.lookup(x, self.lora_A[name].T) @ self.lora_B[name].T * self.scale[name]
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        return (self.lora_B[name] @ self.lora_A[name]).T * self.scale[name]  # (num × dim)
+    def delta_from(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        return (B @ A).T * scale  # (num × dim)
 
     def per_sample_output(self, x: torch.Tensor, routing: PerSampleRouting) -> torch.Tensor:
         num, dim = self.base.weight.shape
@@ -416,9 +414,8 @@ class LoraConv(LoraLayer):
         h = self.base._conv_forward(self.dropped(x, name), self.lora_A[name], None)  # base's stride and padding
         return self.conv(h, self.lora_B[name]) * self.scale[name]
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
-        return (B.flatten(1) @ A.flatten(1)).view(self.base.weight.shape) * self.scale[name]
+    def delta_from(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        return (B.flatten(1) @ A.flatten(1)).view(self.base.weight.shape) * scale
 
 
 class ModuleCopies(nn.Module):

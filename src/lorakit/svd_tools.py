@@ -121,8 +121,7 @@ class AdapterState:
                     if B is None:
                         raise ValueError(f"adapter has {key} but no {stem + b_suffix}")
                     r = A.shape[0]
-                    alpha = config.alpha_for(path)
-                    scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+                    scale = config.scale_for(path, r)  # the stored rank decides, whatever the patterns say
                     found.append(
                         LayerFactors(
                             path,
@@ -356,10 +355,14 @@ def extract(
         if kind in ("embedding", "conv1d"):
             delta = delta.mT  # as the update's (out × in): Embedding's ΔW = (BA)ᵀ, Conv1D stores (in × out)
         shape = tuple(delta.shape)
-        full_spectrum = energy is not None
-        S_all = torch.linalg.svdvals(delta) if full_spectrum else None
-        k = chosen_rank(S_all, shape, r, energy, f"layer {path} ({shape[0]} × {shape[1]})")
-        U, S, Vh = lowrank.truncated_svd(delta, k)
+        where = f"layer {path} ({shape[0]} × {shape[1]})"
+        if energy is not None:  # the rank depends on the whole spectrum: one full SVD serves both
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            k = chosen_rank(S, shape, r, energy, where)
+            U, S, Vh = U[:, :k], S[:k], Vh[:k]
+        else:
+            k = chosen_rank(None, shape, r, energy, where)
+            U, S, Vh = lowrank.truncated_svd(delta, k)
         A, B = truncated_factors(U, S, Vh, k)
         error = float(torch.linalg.matrix_norm(delta - B @ A)) / max(float(torch.linalg.matrix_norm(delta)), 1e-300)
         total = float(delta.square().sum())
