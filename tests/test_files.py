@@ -98,7 +98,9 @@ def test_save_then_load_into_a_fresh_base_gives_identical_outputs(tmp_path, conf
 
     lk.save_adapter(model, tmp_path / "adapter")
     fresh = lk.load_adapter(build(), tmp_path / "adapter").eval()
-    torch.testing.assert_close(fresh(TOKENS), expected, atol=1e-6, rtol=0)
+    # the loaded adapter is frozen, so its linears may take the inference path's other association of the same
+    # product: equal up to float32 rounding (rslora's outputs here reach 1e23, hence relative)
+    torch.testing.assert_close(fresh(TOKENS), expected, atol=1e-6, rtol=1e-6)
     for path, layer in lora_layers(model):
         loaded = fresh.get_submodule(path)
         assert type(loaded) is type(layer)
