@@ -17,7 +17,8 @@ def write_markdown(results: dict, path: Path) -> None:
         f"Produced by `{results['command']}` ({results['seconds']:.0f} s) on {m['cpu']}, {m['cores']} threads, "
         f"{m['device']}, {results['dtype']}; Python {m['python']}, torch {m['torch']}, peft {m['peft']}, "
         f"transformers {m['transformers']}. Each case runs its candidates interleaved in one process after "
-        f"warm-up, {results['repeats']} rounds; medians and their ratios. Peak memory: each library in its own "
+        f"warm-up, {results['repeats']} rounds (calls under 50 ms repeated back to back within a sample); medians "
+        "and their ratios. Peak memory: each library in its own "
         "process. Lower ratios are better.",
         "",
     ]
@@ -40,4 +41,7 @@ def write_markdown(results: dict, path: Path) -> None:
                 met = ("yes" if target["met"] else "NO") if target else ""
                 lines.append(f"| {case} | {ratio} | {value:.3f} | {bound} | {met} | {medians} |")
         lines.append("")
+    notes = Path(__file__).with_name("NOTES.md")  # what the figures mean, kept apart so that runs keep it
+    if notes.exists():
+        lines.append(notes.read_text())
     path.write_text("\n".join(lines))
