@@ -24,6 +24,7 @@ from transformers import (
 )
 
 import lorakit as lk
+from lorakit.layers import LoraLinear
 
 ATOL = 1e-5
 
@@ -68,6 +69,8 @@ def seeded(factory):
 
 
 TOKENS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+# 64 tokens: past every tiny layer's break-even, so lorakit's inference forms W + s·B·A for the call
+LONG_TOKENS = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(6))
 
 CASES = [
     Case(
@@ -102,6 +105,20 @@ CASES = [
         "gpt2-conv1d",
         build_tiny_gpt2,
         lambda: {"input_ids": TOKENS},
+        {"r": 4, "alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"]},
+        {"r": 4, "lora_alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
+    ),
+    Case(
+        "llama-long-inputs",
+        build_tiny_llama,
+        lambda: {"input_ids": LONG_TOKENS},
+        {"r": 4, "alpha": 8, "target_modules": "all-linear"},
+        {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+    ),
+    Case(
+        "gpt2-conv1d-long-inputs",
+        build_tiny_gpt2,
+        lambda: {"input_ids": LONG_TOKENS},
         {"r": 4, "alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"]},
         {"r": 4, "lora_alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
     ),
@@ -187,6 +204,13 @@ def test_peft_adapter_loads_in_lorakit_with_identical_outputs(case, tmp_path):
     # and the base model comes back when the adapter is switched off
     with lk.disabled(model):
         torch.testing.assert_close(logits(model, case.inputs()), logits(case.build(), case.inputs()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama-long-inputs", "gpt2-conv1d-long-inputs"])
+def test_long_input_cases_take_the_formed_weight_path(name):
+    case = next(c for c in CASES if c.name == name)
+    layers = [m for m in lorakit_adapted(case).modules() if isinstance(m, LoraLinear)]
+    assert layers and all(LONG_TOKENS.numel() >= layer.merge_from_tokens for layer in layers)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
