@@ -268,7 +268,7 @@ class LoraLinear(LoraLayer):
         self._stack_cache: tuple | None = None  # mixed batches: stacked factors, reused while unchanged
         # The parameter tables themselves (live: whatever replaces a parameter replaces it there), so that the
         # per-call path does plain dict lookups: nn.Module.__getattr__ costs about 1 µs a time, five times a
-        # call, which is 4% of a 16-token forward pass of a small model.
+        # call, which is a few percent of a 16-token forward pass of a small model.
         self.base_parameters = base._parameters
         self.A_parameters, self.B_parameters = self.lora_A._parameters, self.lora_B._parameters
         # Inference with this many tokens or more forms W + s·B·A (out·in·r multiply-adds and a pass over W)
