@@ -214,3 +214,22 @@ def test_malformed_or_empty_data_exits_2(tiny_llama, tmp_path, capsys, bad_data)
     err = capsys.readouterr().err
     assert "line 2 is not valid JSON" in err or "the dataset is empty" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_of_another_rank_is_refused_and_the_adapter_left_as_it_was(tmp_path):
+    from torch import nn
+
+    from lorakit.checkpoint import load_checkpoint, save_checkpoint
+
+    def adapted(r):
+        torch.manual_seed(0)
+        model = lk.inject(nn.Sequential(nn.Linear(6, 4)), lk.LoraConfig(r=r, target_modules=["0"], init=False))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    saved = save_checkpoint(tmp_path, 3, *adapted(2), {}, keep=1)
+    model, optimizer, scheduler = adapted(3)
+    before = {k: v.clone() for k, v in lk.lora_state_dict(model).items()}
+    with pytest.raises(ValueError, match=r"does not fit this run \(other --r.*shape mismatch"):
+        load_checkpoint(saved, model, optimizer, scheduler)
+    assert all(torch.equal(before[k], v) for k, v in lk.lora_state_dict(model).items())

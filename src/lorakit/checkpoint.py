@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.atomic import atomic_dir
-from lorakit.files import WEIGHTS_NAME, write_adapter
+from lorakit.files import WEIGHTS_NAME, check_adapter_tensors, write_adapter
 from lorakit.model import adapter_parameters
 
 __all__ = ["checkpoint_dirs", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -94,15 +94,12 @@ def load_checkpoint(
     tensors = load_file(path / TENSORS_NAME)
     weights = load_file(path / WEIGHTS_NAME)
     params = adapter_parameters(model)
-    if set(weights) != set(params):
-        raise ValueError(f"checkpoint {path} does not match this model's adapter (different targets or task?)")
+    try:
+        check_adapter_tensors(weights, params, path / WEIGHTS_NAME)
+    except ValueError as error:
+        raise ValueError(f"checkpoint {path} does not fit this run (other --r, targets or task?): {error}") from None
     with torch.no_grad():
         for key, p in params.items():
-            if p.shape != weights[key].shape:
-                raise ValueError(
-                    f"checkpoint {path}: {key} has shape {tuple(weights[key].shape)}, expected "
-                    f"{tuple(p.shape)} (different --r?)"
-                )
             p.copy_(weights[key])
     per_param: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():

@@ -32,6 +32,7 @@ from lorakit.model import (
     delete_adapter,
     inject,
     lora_layers,
+    lora_state_dict,
     mark_trainable,
     set_adapter,
 )
@@ -40,11 +41,13 @@ from lorakit.svd_init import is_svd_init, to_plain_lora
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "check_adapter_tensors",
     "config_from_peft",
     "load_adapter",
     "peft_config",
     "save_adapter",
     "write_adapter",
+    "write_adapter_files",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -130,7 +133,7 @@ def write_adapter(
 ) -> None:
     """Writes the two adapter files into an existing directory (not atomic by itself: see save_adapter)."""
     config = peft_config(model, adapter, base_model_name_or_path)
-    tensors = {key: p.detach() for key, p in adapter_parameters(model, adapter).items()}
+    tensors = lora_state_dict(model, adapter)
     if convert_to_lora and is_svd_init(configs(model)[adapter].init):
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A and layer.initial_factors(adapter) is not None:
@@ -138,7 +141,12 @@ def write_adapter(
                 A, B = to_plain_lora(layer.lora_A[adapter].detach(), layer.lora_B[adapter].detach(), A0, B0)
                 tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = A, B
         config = doubled_rank_config(config)
-    tensors = {key: t.contiguous().cpu() for key, t in tensors.items()}
+    write_adapter_files(directory, config, tensors)
+
+
+def write_adapter_files(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """adapter_model.safetensors and adapter_config.json (PEFT's config dict) into an existing directory."""
+    tensors = {key: t.detach().contiguous().cpu() for key, t in tensors.items()}
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -236,7 +244,7 @@ def load_adapter(
         inject(model, config, adapter)
         params = adapter_parameters(model, adapter)
         params.update(saved_base_weights(model, adapter, tensors))
-        _check_tensors(tensors, params, directory / WEIGHTS_NAME)
+        check_adapter_tensors(tensors, params, directory / WEIGHTS_NAME)
     except BaseException:
         try:
             if adapter in configs(model):
@@ -271,7 +279,8 @@ def saved_base_weights(model: nn.Module, adapter: str, tensors: dict[str, torch.
     return found
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter], path: Path) -> None:
+def check_adapter_tensors(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter], path: Path) -> None:
+    """Refuses a file `path` whose tensors are not exactly `params`' keys and shapes, or hold NaN or inf."""
     missing = [key for key in params if key not in tensors]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensor(s) the config asks for, e.g. {missing[0]!r}")

@@ -28,12 +28,17 @@ from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from lorakit import lowrank
 from lorakit.atomic import atomic_dir
 from lorakit.config import matches_target
-from lorakit.files import CONFIG_NAME, WEIGHTS_NAME, config_from_peft, read_adapter_config, read_adapter_weights
+from lorakit.files import (
+    CONFIG_NAME,
+    config_from_peft,
+    read_adapter_config,
+    read_adapter_weights,
+    write_adapter_files,
+)
 from lorakit.model import PEFT_PREFIX
 
 __all__ = [
@@ -100,10 +105,7 @@ class AdapterState:
         """Writes adapter_config.json, adapter_model.safetensors (and report.json if any), atomically."""
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
-            tensors = {k: t.detach().contiguous().cpu() for k, t in self.tensors.items()}
-            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-            text = json.dumps(self.config, indent=2, sort_keys=True) + "\n"
-            (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+            write_adapter_files(tmp, self.config, self.tensors)
             if self.report:
                 (tmp / "report.json").write_text(json.dumps(self.report, indent=2) + "\n", encoding="utf-8")
         return directory
