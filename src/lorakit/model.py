@@ -25,13 +25,12 @@ from lorakit.config import ALL_LINEAR, LoraConfig, matches_target
 from lorakit.layers import (
     LoraEmbedding,
     LoraLayer,
-    LoraLinear,
     ModuleCopies,
     PerSampleRouting,
     is_conv1d,
     wrap_module,
 )
-from lorakit.svd_init import initialise_from_weight, is_svd_init
+from lorakit.svd_init import check_svd_init, initialise_from_weight, is_svd_init
 
 __all__ = [
     "BASE",
@@ -163,15 +162,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
             raise ValueError(f"{path} carries LoRA adapters and cannot also be a full trainable copy (modules_to_save)")
 
     from_weight = is_svd_init(config.init)
-    if from_weight:
+    if from_weight:  # every layer checked before the first weight is rewritten
         for path, layer in layers.items():
-            if not isinstance(layer, LoraLinear):
-                raise ValueError(f"init={config.init!r} works on Linear and Conv1D layers; {path} is not one")
-            shape, r = (layer.out_features, layer.in_features), config.rank_for(path)
-            if r > min(shape):
-                raise ValueError(f"init={config.init!r} needs r <= min{shape} ({path}), got r={r}")
-            if config.scale_for(path) == 0:
-                raise ValueError(f"init={config.init!r} needs a non-zero alpha ({path})")
+            check_svd_init(layer, path, config.init, config.rank_for(path), config.scale_for(path))
     # an SVD init rewrites base weights: keep them, so that a failure half-way leaves the model as it was
     saved = {path: layer.base.weight.detach().clone() for path, layer in layers.items()} if from_weight else {}
     done = []

@@ -23,7 +23,7 @@ import torch
 from lorakit import lowrank
 from lorakit.layers import LoraLayer, LoraLinear
 
-__all__ = ["SVD_INITS", "initialise_from_weight", "is_svd_init", "to_plain_lora"]
+__all__ = ["SVD_INITS", "check_svd_init", "initialise_from_weight", "is_svd_init", "to_plain_lora"]
 
 SVD_INITS = ("pissa", "milora", "olora")
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -33,19 +33,25 @@ def is_svd_init(init: object) -> bool:
     return isinstance(init, str) and (init in SVD_INITS or PISSA_NITER.fullmatch(init) is not None)
 
 
+def check_svd_init(layer: LoraLayer, path: str, init: str, r: int, scale: float) -> None:
+    """Refuses a layer that `init` cannot start an adapter of rank r and scale s from."""
+    if not isinstance(layer, LoraLinear):
+        raise ValueError(f"init={init!r} works on Linear and Conv1D layers; {path} is not one")
+    shape = (layer.out_features, layer.in_features)
+    if r > min(shape):
+        raise ValueError(f"init={init!r} needs r <= min{shape} ({path}), got r={r}")
+    if scale == 0:
+        raise ValueError(f"init={init!r} needs a non-zero alpha ({path})")
+
+
 def initialise_from_weight(layer: LoraLayer, adapter: str, init: str) -> None:
     """Sets `adapter`'s A and B from the layer's weight and makes the base weight the residual."""
-    if not isinstance(layer, LoraLinear):
-        raise ValueError(f"init={init!r} works on Linear and Conv1D layers, not on {type(layer.base).__name__}")
+    r, s = layer.rank(adapter), layer.scale[adapter]
+    check_svd_init(layer, type(layer.base).__name__, init, r, s)
     base = layer.base.weight
     W = (base.T if layer.fan_in_fan_out else base).detach()  # (out × in)
     if W.dtype != torch.float64:
         W = W.float()  # the decompositions want at least float32
-    r, s = layer.rank(adapter), layer.scale[adapter]
-    if r > min(W.shape):
-        raise ValueError(f"init={init!r} needs r <= min{tuple(W.shape)}, got r={r}")
-    if s == 0:
-        raise ValueError(f"init={init!r} needs a non-zero scale (alpha)")
     if init == "olora":
         Q, R = torch.linalg.qr(W)  # W (out × in) = Q (out × k) R (k × in); as PEFT and the paper, unscaled
         B, A = Q[:, :r], R[:r]
