@@ -2,6 +2,7 @@
 a real pretrained model, and bad input."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -233,3 +234,21 @@ def test_checkpoint_of_another_rank_is_refused_and_the_adapter_left_as_it_was(tm
     with pytest.raises(ValueError, match=r"does not fit this run \(other --r.*shape mismatch"):
         load_checkpoint(saved, model, optimizer, scheduler)
     assert all(torch.equal(before[k], v) for k, v in lk.lora_state_dict(model).items())
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
+def test_loss_count_is_the_number_of_terms_the_summed_loss_adds(task):
+    from lorakit.data import IGNORE_INDEX, Example, collate
+    from lorakit.train import loss_count, loss_sum
+
+    rng = random.Random(0)
+    examples = [Example([rng.randrange(1, 50) for _ in range(n)], n % 3) for n in (1, 2, 5, 9, 3)]
+    batch = collate(examples, pad_id=0, task=task)
+    if task == "causal-lm":
+        assert loss_count(examples, task) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == 0 + 1 + 4 + 8 + 2
+    else:
+        assert loss_count(examples, task) == len(examples)
+    # with every logit equal, each term of the sum is log(vocabulary): the sum counts exactly those terms
+    logits = torch.zeros(*batch["input_ids"].shape, 50) if task == "causal-lm" else torch.zeros(len(examples), 50)
+    total = loss_sum(logits, batch, task)
+    torch.testing.assert_close(total, torch.tensor(loss_count(examples, task) * math.log(50)))

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "Example", "TextDataset", "collate", "epoch_order", "read_records"]
+__all__ = ["IGNORE_INDEX", "Example", "TextDataset", "collate", "epoch_order", "label_values", "read_records"]
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (padding)
 Task = Literal["causal-lm", "seq-cls"]
@@ -93,6 +93,11 @@ def _field(row: dict, name: str, path: Path, line: int, types: Any) -> Any:
     return value
 
 
+def label_values(records: list[dict]) -> list:
+    """The distinct labels of seq-cls records, in a fixed order: class i is `label_values(records)[i]`."""
+    return sorted({r["label"] for r in records}, key=str)
+
+
 @dataclass
 class Example:
     input_ids: list[int]
@@ -107,7 +112,7 @@ class TextDataset:
             raise ValueError(f"--max-length must be at least 2, got {max_length}")
         self.task = task
         if task == "seq-cls":
-            self.labels = labels if labels is not None else sorted({r["label"] for r in records}, key=str)
+            self.labels = labels if labels is not None else label_values(records)
             index = {value: i for i, value in enumerate(self.labels)}
             unknown = [r["label"] for r in records if r["label"] not in index]
             if unknown:

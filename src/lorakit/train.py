@@ -38,7 +38,7 @@ from lorakit.atomic import write_text_atomic
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lorakit.config import LoraConfig
 from lorakit.console import make_console
-from lorakit.data import IGNORE_INDEX, TextDataset, collate, epoch_order, read_records
+from lorakit.data import IGNORE_INDEX, Example, TextDataset, collate, epoch_order, label_values, read_records
 from lorakit.files import save_adapter
 from lorakit.model import adapter_parameters, inject, parameter_counts
 
@@ -187,9 +187,12 @@ def load_model_and_tokenizer(path: str, task: str, num_labels: int | None) -> tu
     return model, tokenizer
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     """The summed loss of a batch (over predicted tokens for causal-lm, over examples for seq-cls)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if task == "seq-cls":
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
     # token t predicts token t + 1
@@ -202,8 +205,9 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tor
     )
 
 
-def loss_count(batch: dict[str, torch.Tensor], task: str) -> int:
-    return len(batch["labels"]) if task == "seq-cls" else int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+def loss_count(examples: list[Example], task: str) -> int:
+    """How many terms `loss_sum` adds up for these examples: one each (seq-cls), or each token but the first."""
+    return len(examples) if task == "seq-cls" else sum(max(len(e.input_ids) - 1, 0) for e in examples)
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -218,13 +222,10 @@ class Trainer:
         self.procs = start_processes()
         self.out = Path(config.out)
         # everything that can fail on bad input happens here, before any file is written
-        records = read_records(config.data, config.text_field, config.label_field if config.task == "seq-cls" else None)
-        eval_records = (
-            read_records(config.eval_data, config.text_field, config.label_field if config.task == "seq-cls" else None)
-            if config.eval_data
-            else None
-        )
-        labels = sorted({r["label"] for r in records}, key=str) if config.task == "seq-cls" else None
+        label_field = config.label_field if config.task == "seq-cls" else None
+        records = read_records(config.data, config.text_field, label_field)
+        eval_records = read_records(config.eval_data, config.text_field, label_field) if config.eval_data else None
+        labels = label_values(records) if config.task == "seq-cls" else None
         torch.manual_seed(config.seed)
         self.model, self.tokenizer = load_model_and_tokenizer(
             config.model, config.task, len(labels) if labels else None
@@ -310,17 +311,15 @@ class Trainer:
         """This process's slice of each global micro-batch of optimizer step `step`, with the global count."""
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
         order = epoch_order(len(self.train_set), self.config.seed, epoch)
+        examples, size = self.train_set.examples, self.config.batch_size
         batches = []
         for k in range(self.config.grad_accum):
             start = (in_epoch * self.config.grad_accum + k) * self.global_micro
-            whole = order[start : start + self.global_micro].tolist()
-            mine = whole[self.procs.rank * self.config.batch_size : (self.procs.rank + 1) * self.config.batch_size]
-            pad = self.tokenizer.pad_token_id
-            global_count = loss_count(
-                collate([self.train_set.examples[i] for i in whole], pad, self.config.task), self.config.task
-            )
-            batch = collate([self.train_set.examples[i] for i in mine], pad, self.config.task)
-            batches.append(({k2: v.to(self.procs.device) for k2, v in batch.items()}, global_count))
+            whole = [examples[i] for i in order[start : start + self.global_micro].tolist()]
+            mine = whole[self.procs.rank * size : (self.procs.rank + 1) * size]
+            batch = collate(mine, self.tokenizer.pad_token_id, self.config.task)
+            on_device = {key: value.to(self.procs.device) for key, value in batch.items()}
+            batches.append((on_device, loss_count(whole, self.config.task)))
         return batches
 
     def train_step(self, step: int) -> tuple[float, int]:
@@ -334,7 +333,7 @@ class Trainer:
             last = k == len(batches) - 1
             sync = self.trained.no_sync() if ddp and not last else nullcontext()
             with sync:
-                loss = loss_sum(self.trained, batch, self.config.task)
+                loss = loss_sum(logits_of(self.trained, batch), batch, self.config.task)
                 # DDP averages gradients over processes, so scale by world to get sum / global count
                 (loss * (self.procs.world if ddp else 1) / max(total, 1)).backward()
             summed += loss.item()
@@ -360,14 +359,12 @@ class Trainer:
         summed = count = correct = 0.0
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(mine), self.config.batch_size):
-            batch = collate(
-                [self.eval_set.examples[i] for i in mine[start : start + self.config.batch_size]], pad, self.config.task
-            )
-            batch = {k: v.to(self.procs.device) for k, v in batch.items()}
-            summed += float(loss_sum(self.trained, batch, self.config.task))
-            count += loss_count(batch, self.config.task)
+            examples = [self.eval_set.examples[i] for i in mine[start : start + self.config.batch_size]]
+            batch = {k: v.to(self.procs.device) for k, v in collate(examples, pad, self.config.task).items()}
+            logits = logits_of(self.trained, batch)  # one forward pass serves the loss and the accuracy
+            summed += float(loss_sum(logits, batch, self.config.task))
+            count += loss_count(examples, self.config.task)
             if self.config.task == "seq-cls":
-                logits = self.trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 correct += float((logits.argmax(-1) == batch["labels"]).sum())
         summed, count, correct = self.procs.all_sum([summed, count, correct])
         result = {"eval_loss": summed / max(count, 1)}
