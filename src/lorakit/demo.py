@@ -162,28 +162,29 @@ def error_table(console: Console, rows: dict[str, tuple[list[int], float]], wors
     console.print(table)
 
 
-def low_rank_view(model: nn.Module, rank: int) -> list[dict]:
-    """The spectrum of each frozen base weight and the rank of each learned update ΔW = s·B A."""
-    rows = []
+def low_rank_view(model: nn.Module, rank: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """The spectrum of each frozen base weight and the rank of each learned update ΔW = s·B A: a row of
+    figures per layer, and the singular values of each base weight."""
+    rows, spectra = [], {}
     for name in LAYERS:
         layer = getattr(model, name)
         W = layer.base.weight.detach().double()
+        S = spectra[name] = lowrank.singular_values(W)  # one SVD serves every figure of the row
         # in the dtype it was computed in: in float64 its float32 round-off would count as extra rank
         delta = layer.delta_weight("default").detach()
-        energy = lowrank.energy(W)
         rows.append(
             {
                 "layer": name,
                 "shape": list(W.shape),
-                "rank": lowrank.rank(W),
-                "effective_rank": round(lowrank.effective_rank(W), 2),
-                "rank_for_90_energy": lowrank.rank_for_energy(W, 0.9),
-                f"energy_top_{rank}": round(float(energy[rank - 1]), 4),
+                "rank": lowrank.rank_of_spectrum(S, tuple(W.shape)),
+                "effective_rank": round(lowrank.effective_rank_of_spectrum(S), 2),
+                "rank_for_90_energy": lowrank.rank_for_energy_of_spectrum(S, 0.9),
+                f"energy_top_{rank}": round(float(lowrank.energy_of_spectrum(S)[rank - 1]), 4),
                 "delta_rank": lowrank.rank(delta),
                 "delta_norm": float(torch.linalg.matrix_norm(delta)),
             }
         )
-    return rows
+    return rows, spectra
 
 
 def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
@@ -273,7 +274,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
     )
 
     # 5b. the low-rank view
-    spectra = low_rank_view(model, settings.rank)
+    layer_rows, singular_values = low_rank_view(model, settings.rank)
     table = Table(title="Low-rank view", show_edge=False)
     for column in (
         "layer",
@@ -285,7 +286,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
         "rank ΔW",
     ):
         table.add_column(column, justify="right")
-    for row in spectra:
+    for row in layer_rows:
         table.add_row(
             row["layer"],
             " × ".join(map(str, row["shape"])),
@@ -336,7 +337,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
         "accuracy_replay": accuracy_replay,
         "params_original": params_original,
         "params_lora": params_lora,
-        "delta_ranks": [row["delta_rank"] for row in spectra],
+        "delta_ranks": [row["delta_rank"] for row in layer_rows],
         "disabled_equals_original": disabled_equals_original,
         "merged_max_abs_diff": merged_max_abs_diff,
         "merged_max_abs_diff_float32": merged_diff[torch.float32],
@@ -344,18 +345,14 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
         "adapter_bytes": adapter_bytes,
         "base_model_bytes": base_bytes,
         "replay_images": len(others),
-        "layers": spectra,
+        "layers": layer_rows,
     }
     error_bars_plot(
         {"before": errors_before, "LoRA on": errors_lora, "LoRA off": errors_disabled, "LoRA + replay": errors_replay},
         worst,
         out / "errors.png",
     )
-    spectrum_plot(
-        {name: lowrank.singular_values(getattr(model, name).base.weight.detach()) for name in LAYERS},
-        out / "spectra.png",
-        energy_fraction=0.9,
-    )
+    spectrum_plot(singular_values, out / "spectra.png", energy_fraction=0.9)
     loss_plot(
         {
             "base model": base_losses,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
 
+from lorakit import lowrank
 from lorakit.atomic import atomic_file
 
 __all__ = [
@@ -40,12 +41,12 @@ def spectrum_plot(
     """Left: singular values (log scale) of each named matrix. Right: their cumulative energy."""
     fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
     for name, S in spectra.items():
-        S = S.detach().double().cpu().numpy()
+        S = S.detach().double().cpu()
+        curve = lowrank.energy_of_spectrum(S).numpy()
+        S = S.numpy()
         k = np.arange(1, S.size + 1)
         positive = S > 0
         ax_s.semilogy(k[positive], S[positive], marker="." if S.size < 60 else None, label=name)
-        squares = S**2
-        curve = squares.cumsum() / squares.sum() if squares.sum() > 0 else np.ones_like(S)
         ax_e.plot(k, curve, label=name)
     ax_s.set(title="Singular values", xlabel="index k", ylabel="σ_k")
     ax_e.set(title="Cumulative energy", xlabel="k", ylabel="Σ σ² up to k / ‖M‖²_F", ylim=(0, 1.02))

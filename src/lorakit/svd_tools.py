@@ -229,9 +229,9 @@ def chosen_rank(S: torch.Tensor, shape: tuple[int, int], r: int | None, energy: 
 
 
 def energy_kept(S: torch.Tensor, k: int) -> float:
-    squares = S.double().square()
-    total = float(squares.sum())
-    return 1.0 if total == 0 else float(squares[:k].sum()) / total
+    """The fraction of ‖ΔW‖²_F that the top k of its singular values S hold (all of it for k ≥ len(S))."""
+    curve = lowrank.energy_of_spectrum(S.double())
+    return float(curve[min(k, curve.numel()) - 1])
 
 
 # -- extraction --------------------------------------------------------------------------------------------
@@ -399,11 +399,12 @@ def resize(
         k = chosen_rank(S, (layer.rank, layer.rank), r, energy, f"layer {layer.path} (rank {layer.rank})")
         A, B = truncated_factors(U, S, Vh, k)
         factors[layer.path] = (A.to(layer.A.dtype), B.to(layer.B.dtype))
+        kept = energy_kept(S, k)
         report["layers"][layer.path] = {
             "rank_before": layer.rank,
             "rank": k,
-            "relative_error": math.sqrt(max(0.0, 1 - energy_kept(S, k))),
-            "energy_kept": energy_kept(S, k),
+            "relative_error": math.sqrt(max(0.0, 1 - kept)),
+            "energy_kept": kept,
         }
     result = state_from_layers(layers, factors, state.config)
     result.report = report
