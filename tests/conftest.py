@@ -41,6 +41,23 @@ def build_tiny_gpt2():
     return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)).eval()
 
 
+def cli_error(argv: list[str], capsys) -> str:
+    """Runs `lorakit argv` in this process and checks the contract for bad input: exit code 2, no traceback,
+    and a last stderr line "lorakit: error: ...". Returns stderr."""
+    from lorakit.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    _, err = capsys.readouterr()
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("lorakit: error:"), err
+    return err
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

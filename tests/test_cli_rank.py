@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import cli_error
 from safetensors.torch import save_file
 
 from lorakit.cli import main
@@ -103,15 +104,7 @@ def write(tmp_path, name, content):
     ],
 )
 def test_bad_input_gets_one_error_line_and_exit_code_2(tmp_path, capsys, make_args, message):
-    try:
-        code = main(make_args(tmp_path))
-    except SystemExit as exit_:  # argparse's own usage errors
-        code = exit_.code
-    _, err = capsys.readouterr()
-    assert code == 2
-    assert message in err
-    assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("lorakit: error:")
+    assert message in cli_error(make_args(tmp_path), capsys)
 
 
 def test_installed_command_exits_2_without_traceback(tmp_path):
