@@ -128,15 +128,14 @@ def _read_safetensors(path: Path, key: str | None) -> dict[str, torch.Tensor]:
     return found
 
 
-def matrix_stats(M: torch.Tensor, energy_fraction: float = 0.9, top: int = 5) -> dict:
-    """The numbers `lorakit rank` prints for one matrix, as a JSON-ready dict."""
-    S = lowrank.singular_values(M)
+def matrix_stats(S: torch.Tensor, shape: tuple[int, ...], energy_fraction: float = 0.9, top: int = 5) -> dict:
+    """The numbers `lorakit rank` prints for one matrix of `shape` from its singular values S, JSON-ready."""
     return {
-        "shape": list(M.shape),
-        "rank": lowrank.rank(M),
-        "effective_rank": round(lowrank.effective_rank(M), 4),
+        "shape": list(shape),
+        "rank": lowrank.rank_of_spectrum(S, shape),
+        "effective_rank": round(lowrank.effective_rank_of_spectrum(S), 4),
         "energy_fraction": energy_fraction,
-        "rank_for_energy": lowrank.rank_for_energy(M, energy_fraction),
+        "rank_for_energy": lowrank.rank_for_energy_of_spectrum(S, energy_fraction),
         "top_singular_values": [float(f"{s:.6g}") for s in S[:top].tolist()],
     }
 
@@ -172,14 +171,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not args.file:
         parser.error("give a FILE, or --example")
     matrices = read_matrices(args.file, args.key)
-    stats = {name: matrix_stats(M, args.energy, args.top) for name, M in matrices.items()}
+    spectra = {name: lowrank.singular_values(M) for name, M in matrices.items()}  # one SVD per matrix serves all
+    stats = {name: matrix_stats(S, tuple(matrices[name].shape), args.energy, args.top) for name, S in spectra.items()}
     if args.json:
         for name, s in stats.items():
             print(json.dumps({"matrix": name, **s}))
     else:
         _print_table(stats, console)
     if args.plot:
-        spectrum_plot({name: lowrank.singular_values(M) for name, M in matrices.items()}, args.plot, args.energy)
+        spectrum_plot(spectra, args.plot, args.energy)
         console.print(f"spectrum plot: {args.plot}")
 
 
