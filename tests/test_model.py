@@ -387,3 +387,12 @@ def test_torch_compile_trains_two_steps(net, tokens):
         losses.append(loss.item())
     assert net.hidden.lora_B["default"].abs().sum() > 0
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_command_line_targets_split_at_commas_and_keep_one_pattern_whole():
+    from lorakit.config import targets_from_text
+
+    assert targets_from_text("q_proj, v_proj,,down_proj") == ["q_proj", "v_proj", "down_proj"]
+    assert targets_from_text("all-linear") == "all-linear"
+    assert targets_from_text(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
+    assert targets_from_text(None) is None

@@ -19,7 +19,15 @@ from typing import Any, Literal
 
 from lorakit.svd_init import is_svd_init
 
-__all__ = ["ALL_LINEAR", "BIAS_MODES", "INIT_MODES", "LoraConfig", "matches_target", "pattern_value"]
+__all__ = [
+    "ALL_LINEAR",
+    "BIAS_MODES",
+    "INIT_MODES",
+    "LoraConfig",
+    "matches_target",
+    "pattern_value",
+    "targets_from_text",
+]
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
@@ -128,6 +136,14 @@ def matches_target(spec: list[str] | str | None, module_name: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, module_name) is not None
     return any(module_name == name or module_name.endswith("." + name) for name in spec)
+
+
+def targets_from_text(text: str | None) -> list[str] | str | None:
+    """A command line's --targets: "q_proj,v_proj" is a list of names; one name, a regex or "all-linear" stays
+    a string (matched as a regex, or "all-linear")."""
+    if text is None or "," not in text:
+        return text
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.config import targets_from_text
 from lorakit.train import TrainConfig, train
 
 __all__ = ["add_parser"]
@@ -86,9 +87,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    targets = args.targets
-    if targets != "all-linear" and "," in targets:
-        targets = [name.strip() for name in targets.split(",") if name.strip()]
     config = TrainConfig(
         model=args.model,
         data=args.data,
@@ -96,7 +94,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         task=args.task,
         text_field=args.text_field,
         label_field=args.label_field,
-        targets=targets,
+        targets=targets_from_text(args.targets),
         r=args.r,
         alpha=args.alpha,
         dropout=args.dropout,

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorakit import svd_tools
+from lorakit.config import targets_from_text
 from lorakit.console import make_console
 from lorakit.plots import similarity_heatmaps, spectrum_plot
 
@@ -124,15 +125,10 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def _targets(value: str | None) -> list[str] | str | None:
-    if value is None or "," not in value:
-        return value
-    return [name.strip() for name in value.split(",") if name.strip()]
-
-
 def run_extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     _check_rank_or_energy(args, parser)
-    state = svd_tools.extract(args.base, args.tuned, r=args.rank, energy=args.energy, targets=_targets(args.targets))
+    targets = targets_from_text(args.targets)
+    state = svd_tools.extract(args.base, args.tuned, r=args.rank, energy=args.energy, targets=targets)
     state.config["base_model_name_or_path"] = str(args.base)
     state.save(args.out)
     console = make_console()
