@@ -41,6 +41,16 @@ def build_tiny_gpt2():
     return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)).eval()
 
 
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Runs `lorakit argv` in this process: (exit code, stdout, stderr) of that call alone."""
+    from lorakit.cli import main
+
+    capsys.readouterr()  # drop whatever the setup printed (progress bars)
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def cli_error(argv: list[str], capsys) -> str:
     """Runs `lorakit argv` in this process and checks the contract for bad input: exit code 2, no traceback,
     and a last stderr line "lorakit: error: ...". Returns stderr."""

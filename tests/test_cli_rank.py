@@ -5,16 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import cli_error
+from conftest import cli_error, run_cli
 from safetensors.torch import save_file
-
-from lorakit.cli import main
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def json_rows(out: str) -> list[dict]:

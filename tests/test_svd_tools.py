@@ -19,13 +19,12 @@ import time
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_llama, cli_error
+from conftest import build_tiny_gpt2, build_tiny_llama, cli_error, run_cli
 from peft import PeftModel
 from safetensors.torch import save_file
 from torch import nn
 
 import lorakit as lk
-from lorakit.cli import main
 from lorakit.files import config_from_peft
 
 TOKENS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -96,13 +95,6 @@ def assert_loads_with_logits(adapter_dir, build, expected, atol=1e-4) -> None:
     torch.testing.assert_close(logits(peft_model), expected, atol=atol, rtol=0)
     model = lk.load_adapter(build(), adapter_dir)
     torch.testing.assert_close(logits(model), expected, atol=atol, rtol=0)
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop whatever the setup printed (progress bars)
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- extraction --------------------------------------------------------------------------------------------
