@@ -66,6 +66,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.routing: PerSampleRouting | None = None
+        self._stack_cache: tuple | None = None  # mixed batches: stacked factors, reused while unchanged
         self.train(base.training)  # a model in eval mode stays in eval mode (dropout!)
 
     # -- what subclasses define --------------------------------------------------------------------
@@ -173,6 +174,30 @@ class LoraLayer(nn.Module):
                 y = y + (self.adapter_output(x, name) * chosen).to(y.dtype)
         return y
 
+    def stacked_factors(self, routing: PerSampleRouting) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (n, r_max, a) and B (n, b, r_max) of every routed adapter with 2-D factors A (r × a), B (b × r),
+        stacked, zero-padded to the largest rank, scale folded into B. Position 0 (the base model alone) and
+        adapters this layer does not have are all-zero factors."""
+        present = [n for n in routing.names if n in self.lora_A]
+        params = [p for n in present for p in (self.lora_A[n], self.lora_B[n])]
+        # without gradients the stacks are reused until a factor changes (`_version` counts in-place updates)
+        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        key = (tuple(routing.names), tuple((id(p), p._version) for p in params), tuple(self.scale[n] for n in present))
+        cached = self._stack_cache
+        if cacheable and cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        r_max = max((self.rank(n) for n in present), default=1)
+        ref_A, ref_B = next(iter(self.lora_A.values())), next(iter(self.lora_B.values()))
+        A = ref_A.new_zeros(len(routing.names), r_max, ref_A.shape[1])
+        B = ref_B.new_zeros(len(routing.names), ref_B.shape[0], r_max)
+        for position, name in enumerate(routing.names):
+            if name in present:
+                r = self.rank(name)
+                A[position, :r] = self.lora_A[name]
+                B[position, :, :r] = self.lora_B[name] * self.scale[name]
+        self._stack_cache = (key, A, B) if cacheable else None
+        return A, B
+
     # -- merging -----------------------------------------------------------------------------------
     def merge(self, names: list[str]) -> None:
         for name in names:
@@ -265,7 +290,6 @@ class LoraLinear(LoraLayer):
         # the fused path computes the base layer itself: only for the plain classes, not subclasses
         # (quantized linears and the like) whose forward may differ
         self.fusable = type(base) is nn.Linear or self.fan_in_fan_out
-        self._stack_cache: tuple | None = None  # mixed batches: stacked factors, reused while unchanged
         # The parameter tables themselves (live: whatever replaces a parameter replaces it there), so that the
         # per-call path does plain dict lookups: nn.Module.__getattr__ costs about 1 µs a time, five times a
         # call, which is a few percent of a 16-token forward pass of a small model.
@@ -329,7 +353,7 @@ class LoraLinear(LoraLayer):
 
     def add_per_sample(self, y: torch.Tensor, x: torch.Tensor, routing: PerSampleRouting) -> torch.Tensor:
         """One gather and two batched matmuls for the whole mixed batch, the second accumulating into y."""
-        A, B = self.stacked_factors(routing, x)  # (n, r_max, in), (n, out, r_max)
+        A, B = self.stacked_factors(routing)  # (n, r_max, in), (n, out, r_max)
         batch = x.shape[0]
         h = x.reshape(batch, -1, self.in_features).to(A.dtype)  # (batch, L, in)
         h = self.per_sample_dropout(h, routing)
@@ -348,31 +372,6 @@ class LoraLinear(LoraLayer):
         p = torch.tensor([self.dropout.get(n, 0.0) for n in routing.names], device=h.device)[routing.index]
         keep = (torch.rand_like(h) >= p.view(-1, 1, 1).to(h.dtype)).to(h.dtype)
         return h * keep / (1 - p).view(-1, 1, 1).to(h.dtype)
-
-    def stacked_factors(self, routing: PerSampleRouting, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B of every routed adapter stacked, zero-padded to the largest rank, scale folded into B.
-
-        Position 0 (the base model alone) and adapters this layer does not have are all-zero factors.
-        """
-        present = [n for n in routing.names if n in self.lora_A]
-        params = [p for n in present for p in (self.lora_A[n], self.lora_B[n])]
-        # without gradients the stacks are reused until a factor changes (`_version` counts in-place updates)
-        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        key = (tuple(routing.names), tuple((id(p), p._version) for p in params), tuple(self.scale[n] for n in present))
-        cached = self._stack_cache
-        if cacheable and cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-        r_max = max((self.rank(n) for n in present), default=1)
-        ref = next(iter(self.lora_A.values()))
-        A = ref.new_zeros(len(routing.names), r_max, self.in_features)
-        B = ref.new_zeros(len(routing.names), self.out_features, r_max)
-        for position, name in enumerate(routing.names):
-            if name in present:
-                r = self.rank(name)
-                A[position, :r] = self.lora_A[name]
-                B[position, :, :r] = self.lora_B[name] * self.scale[name]
-        self._stack_cache = (key, A, B) if cacheable else None
-        return A, B
 
 
 class LoraEmbedding(LoraLayer):
@@ -402,21 +401,11 @@ class LoraEmbedding(LoraLayer):
         return (B @ A).T * scale  # (num × dim)
 
     def add_per_sample(self, y: torch.Tensor, x: torch.Tensor, routing: PerSampleRouting) -> torch.Tensor:
-        num, dim = self.base.weight.shape
-        present = [n for n in routing.names if n in self.lora_A]
-        r_max = max((self.rank(n) for n in present), default=1)
-        ref = next(iter(self.lora_A.values()))
-        tables = ref.new_zeros(len(routing.names), num, r_max)  # every adapter's Aᵀ, one table after another
-        B = ref.new_zeros(len(routing.names), dim, r_max)
-        for position, name in enumerate(routing.names):
-            if name in present:
-                r = self.rank(name)
-                tables[position, :, :r] = self.lora_A[name].T
-                B[position, :, :r] = self.lora_B[name] * self.scale[name]
+        A, B = self.stacked_factors(routing)  # (n, r_max, num), (n, dim, r_max)
         batch = x.shape[0]
-        tokens = x.reshape(batch, -1) + routing.index.view(-1, 1) * num  # (batch, L) into the stacked tables
-        h = F.embedding(tokens, tables.reshape(-1, r_max))  # (batch, L, r_max)
-        return y + torch.bmm(h, B[routing.index].mT).reshape(*x.shape, dim).to(y.dtype)
+        tokens = x.reshape(batch, -1)  # (batch, L)
+        h = A[routing.index.view(-1, 1), :, tokens]  # (batch, L, r_max): column `token` of the sample's own A
+        return y + torch.bmm(h, B[routing.index].mT).reshape(*y.shape).to(y.dtype)
 
 
 class LoraConv(LoraLayer):
