@@ -75,6 +75,13 @@ def test_lora_plus_gives_b_a_larger_learning_rate(tiny_llama, word_data, tmp_pat
     assert {id(p) for p in b_group["params"]} == b_ids
 
 
+def test_optimizer_is_fused_adamw(tiny_llama, word_data, tmp_path):
+    config = lk.TrainConfig(model=str(tiny_llama), data=str(word_data), out=str(tmp_path), steps=1, progress=False)
+    optimizer = Trainer(config).optimizer
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert all(group["fused"] for group in optimizer.param_groups)  # one kernel for all tensors, not a loop
+
+
 def test_killed_run_resumes_bit_for_bit_like_an_uninterrupted_one(tiny_llama, word_data, tmp_path):
     args = ["--steps", "40", "--batch-size", "4", "--save-every", "5", "--dropout", "0.1", "--grad-accum", "2"]
     full, killed = tmp_path / "full", tmp_path / "killed"
