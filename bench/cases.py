@@ -1,11 +1,11 @@
-"""The measured cases. Each returns {"seconds": {candidate: median}, "ratios": {name: value}}."""
+"""The measured cases. Each returns `timing.summary`: medians, ratios of medians and their intervals."""
 
 from __future__ import annotations
 
 import torch
 
 from bench.models import Setting, floor_model, lorakit_model, peft_model
-from bench.timing import interleaved
+from bench.timing import interleaved, summary
 
 
 def tokens(setting: Setting, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -35,7 +35,7 @@ def training_step(setting: Setting, base, device, repeats: int) -> dict:
         inputs = embed(x).detach().requires_grad_(True)
         floor(inputs_embeds=inputs, labels=x).loss.backward()
 
-    seconds = interleaved(
+    samples = interleaved(
         {
             "lorakit": trainer(lorakit_model(setting, base)),
             "peft": trainer(peft_model(setting, base)),
@@ -43,14 +43,8 @@ def training_step(setting: Setting, base, device, repeats: int) -> dict:
         },
         repeats,
     )
-    return {
-        "seconds": seconds,
-        "ratios": {
-            "lorakit / peft": seconds["lorakit"] / seconds["peft"],
-            "lorakit / floor": seconds["lorakit"] / seconds["floor"],
-            "peft / floor": seconds["peft"] / seconds["floor"],
-        },
-    }
+    ratios = {"lorakit / peft": ("lorakit", "peft"), "lorakit / floor": ("lorakit", "floor")}
+    return summary(samples, {**ratios, "peft / floor": ("peft", "floor")})
 
 
 def inference(setting: Setting, base, device, repeats: int, shape: tuple[int, int], merged: bool) -> dict:
@@ -70,14 +64,8 @@ def inference(setting: Setting, base, device, repeats: int, shape: tuple[int, in
 
         return run
 
-    seconds = interleaved({"lorakit": forward(ours), "peft": forward(theirs), "base": forward(base)}, repeats)
-    return {
-        "seconds": seconds,
-        "ratios": {
-            "lorakit / base": seconds["lorakit"] / seconds["base"],
-            "peft / base": seconds["peft"] / seconds["base"],
-        },
-    }
+    samples = interleaved({"lorakit": forward(ours), "peft": forward(theirs), "base": forward(base)}, repeats)
+    return summary(samples, {"lorakit / base": ("lorakit", "base"), "peft / base": ("peft", "base")})
 
 
 def mixed_batch(setting: Setting, base, device, repeats: int, shape: tuple[int, int]) -> dict:
@@ -97,7 +85,7 @@ def mixed_batch(setting: Setting, base, device, repeats: int, shape: tuple[int, 
 
         return call
 
-    seconds = interleaved(
+    samples = interleaved(
         {
             "lorakit mixed": run(lambda: lk.forward_per_sample(ours, per_sample, input_ids=x)),
             "lorakit single": run(lambda: ours(input_ids=x)),
@@ -106,10 +94,5 @@ def mixed_batch(setting: Setting, base, device, repeats: int, shape: tuple[int, 
         },
         repeats,
     )
-    return {
-        "seconds": seconds,
-        "ratios": {
-            "lorakit mixed / single": seconds["lorakit mixed"] / seconds["lorakit single"],
-            "peft mixed / single": seconds["peft mixed"] / seconds["peft single"],
-        },
-    }
+    ratios = {"lorakit mixed / single": ("lorakit mixed", "lorakit single")}
+    return summary(samples, {**ratios, "peft mixed / single": ("peft mixed", "peft single")})

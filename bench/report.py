@@ -17,9 +17,9 @@ def write_markdown(results: dict, path: Path) -> None:
         f"Produced by `{results['command']}` ({results['seconds']:.0f} s) on {m['cpu']}, {m['cores']} threads, "
         f"{m['device']}, {results['dtype']}; Python {m['python']}, torch {m['torch']}, peft {m['peft']}, "
         f"transformers {m['transformers']}. Each case runs its candidates interleaved in one process after "
-        f"warm-up, {results['repeats']} rounds (calls under 50 ms repeated back to back within a sample); medians "
-        "and their ratios. Peak memory: each library in its own "
-        "process. Lower ratios are better.",
+        f"warm-up, {results['repeats']} rounds (calls under 50 ms repeated back to back within a sample); medians, "
+        "their ratios, and each ratio's 95% bootstrap interval (rounds resampled). Peak memory: each library in "
+        "its own process. Lower ratios are better.",
         "",
     ]
     for name, setting in results["settings"].items():
@@ -28,8 +28,8 @@ def write_markdown(results: dict, path: Path) -> None:
             "",
             setting["description"],
             "",
-            "| case | ratio | value | target | met | medians |",
-            "|---|---|---|---|---|---|",
+            "| case | ratio | value | 95% interval | target | met | medians |",
+            "|---|---|---|---|---|---|---|",
         ]
         for case, data in setting["cases"].items():
             raw = data.get("seconds") or data.get("bytes")
@@ -39,7 +39,9 @@ def write_markdown(results: dict, path: Path) -> None:
                 target = data.get("targets", {}).get(ratio)
                 bound = f"≤ {target['target']:.2f}" if target else ""
                 met = ("yes" if target["met"] else "NO") if target else ""
-                lines.append(f"| {case} | {ratio} | {value:.3f} | {bound} | {met} | {medians} |")
+                interval = data.get("intervals", {}).get(ratio)
+                spread = f"{interval[0]:.3f}–{interval[1]:.3f}" if interval else ""
+                lines.append(f"| {case} | {ratio} | {value:.3f} | {spread} | {bound} | {met} | {medians} |")
         lines.append("")
     notes = Path(__file__).with_name("NOTES.md")  # what the figures mean, kept apart so that runs keep it
     if notes.exists():

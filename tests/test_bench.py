@@ -1,9 +1,14 @@
-"""The benchmark suite keeps working: one run at tiny sizes (`python -m bench --quick`)."""
+"""The benchmark suite keeps working (one run at tiny sizes, `python -m bench --quick`), and its statistics."""
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from bench.timing import ratio_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,6 +28,27 @@ def test_quick_benchmark_run_writes_results_and_summary(tmp_path):
     step = cases["training step"]
     assert set(step["seconds"]) == {"lorakit", "peft", "floor"} and all(v > 0 for v in step["seconds"].values())
     assert step["ratios"]["lorakit / peft"] == step["seconds"]["lorakit"] / step["seconds"]["peft"]
+    low, high = step["intervals"]["lorakit / peft"]
+    assert 0 < low <= high
     assert cases["peak training memory"]["bytes"]["lorakit"] > 0
     text = summary.read_text()
     assert "| training step | lorakit / floor |" in text and data["command"] in text
+
+
+def test_ratio_interval_is_exact_for_a_constant_ratio():
+    base = [1.0, 1.3, 0.9, 1.1, 1.2, 1.0]
+    assert ratio_interval([2 * t for t in base], base) == pytest.approx((2.0, 2.0))
+
+
+def test_ratio_interval_covers_the_true_ratio_and_narrows_with_more_rounds():
+    def widths_and_cover(rounds: int) -> tuple[float, bool]:
+        rng = random.Random(rounds)
+        drift = [1 + 0.2 * rng.random() for _ in range(rounds)]  # the machine's speed, shared within a round
+        base = [d * rng.gauss(1.0, 0.02) for d in drift]
+        ours = [1.05 * d * rng.gauss(1.0, 0.02) for d in drift]
+        low, high = ratio_interval(ours, base)
+        return high - low, low <= 1.05 <= high
+
+    (wide, covered_few), (narrow, covered_many) = widths_and_cover(10), widths_and_cover(200)
+    assert covered_few and covered_many
+    assert narrow < wide / 2
