@@ -1,6 +1,7 @@
 """The LoRA engine on plain PyTorch models: injection, the forward formula, adapters, merging, mixed batches."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -165,6 +166,45 @@ def test_merge_unmerge_round_trip_and_merged_outputs(net, tokens):
         assert (p - weights[n]).abs().max().item() <= 1e-6, n
 
 
+def test_merged_adapter_cannot_be_switched_off_by_activating_or_adding_another(net, tokens):
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL, init=False), "a")
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL, init=False), "b")
+    lk.set_adapter(net, "a")
+    lk.merge(net)
+    merged = net(tokens)
+    with pytest.raises(ValueError, match=r"\['a'\] are merged .* lk.unmerge"):
+        lk.set_adapter(net, "b")
+    with pytest.raises(ValueError, match="unmerge"):
+        lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL), "c")
+    assert lk.adapter_names(net) == ["a", "b"] and lk.model.active_adapters(net) == ["a"]
+    torch.testing.assert_close(net(tokens), merged, atol=0, rtol=0)
+    lk.set_adapter(net, ["a", "b"])  # keeping the merged one active is fine
+
+
+def test_deleted_adapter_is_no_longer_active(net, tokens, tmp_path):
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL, init=False), "a")
+    lk.save_adapter(net, tmp_path / "a", adapter="a")
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL, init=False), "b")
+    lk.delete_adapter(net, "b")
+    assert lk.model.active_adapters(net) == []
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
+    with pytest.raises(ValueError, match="shape"):  # the load's own error, not one from restoring the state
+        lk.load_adapter(net, tmp_path / "a", adapter="c")
+
+
+def test_bias_all_saves_a_layer_only_another_adapter_wraps_as_a_fresh_model_names_it(net, tokens, tmp_path):
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=["hidden"], init=False), "a")
+    lk.inject(net, lk.LoraConfig(r=2, target_modules=["out"], init=False, bias="all"), "b")
+    with torch.no_grad():
+        net.hidden.base.bias.add_(1.0)  # as if trained with "b"
+    expected = net(tokens)
+    lk.save_adapter(net, tmp_path / "b", adapter="b")
+    torch.manual_seed(0)
+    fresh = lk.load_adapter(TinyNet(), tmp_path / "b")
+    torch.testing.assert_close(fresh(tokens), expected, atol=1e-6, rtol=1e-6)
+
+
 def test_safe_merge_refuses_non_finite_weights_and_changes_nothing(net):
     lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL, init=False))
     with torch.no_grad():
@@ -234,6 +274,34 @@ def test_forward_per_sample_matches_one_adapter_at_a_time(net, tokens):
         lk.forward_per_sample(net, ["a", "b", "a"], tokens)
     with pytest.raises(ValueError, match="unknown adapter 'zzz'"):
         lk.forward_per_sample(net, ["zzz"] * 4, tokens)
+
+
+def test_mixed_batches_without_gradients_follow_factors_changed_between_calls(net, tokens):
+    """The stacked per-adapter factors are reused between no-grad calls: until a factor changes in place or
+    the model moves to another dtype."""
+    lk.inject(net, lk.LoraConfig(r=2, alpha=2, target_modules=ALL, init=False), "a")
+    lk.inject(net, lk.LoraConfig(r=3, alpha=3, target_modules=["hidden", "out"], init=False), "b")
+    order = ["a", "b", lk.BASE, "a"]
+
+    def check(atol: float) -> None:
+        with torch.no_grad():
+            mixed = lk.forward_per_sample(net, order, tokens)
+            expected = {}
+            for name in ["a", "b"]:
+                lk.set_adapter(net, name)
+                expected[name] = net(tokens)
+            with lk.disabled(net):
+                expected[lk.BASE] = net(tokens)
+        for i, name in enumerate(order):
+            torch.testing.assert_close(mixed[i], expected[name][i], atol=atol, rtol=atol)
+
+    check(atol=1e-5)
+    with torch.no_grad():
+        for p in lk.model.adapter_parameters(net, "a").values():
+            p.mul_(2.0)
+    check(atol=1e-5)
+    net.double()  # swaps each parameter's data for a float64 copy: same Parameter objects, same versions
+    check(atol=1e-12)
 
 
 def test_forward_per_sample_gradients_equal_one_sample_at_a_time(net, tokens):
@@ -389,10 +457,14 @@ def test_torch_compile_trains_two_steps(net, tokens):
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_command_line_targets_split_at_commas_and_keep_one_pattern_whole():
+def test_command_line_targets_are_names_unless_written_as_a_regex(net):
     from lorakit.config import targets_from_text
 
+    assert targets_from_text("hidden") == ["hidden"]
+    assert lk.model.find_targets(net, lk.LoraConfig(target_modules=targets_from_text("hidden"))) == ["hidden"]
     assert targets_from_text("q_proj, v_proj,,down_proj") == ["q_proj", "v_proj", "down_proj"]
+    assert targets_from_text("self_attn.q_proj") == ["self_attn.q_proj"]  # a path suffix, not a regex
     assert targets_from_text("all-linear") == "all-linear"
     assert targets_from_text(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
+    assert targets_from_text(r"layers\.\d{1,2}\.mlp\..*") == r"layers\.\d{1,2}\.mlp\..*"  # its comma stays
     assert targets_from_text(None) is None

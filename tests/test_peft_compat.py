@@ -17,10 +17,13 @@ import torch
 from conftest import build_tiny_gpt2, build_tiny_llama
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer as PeftLoraLayer
 from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 import lorakit as lk
@@ -231,18 +234,71 @@ def test_trainable_parameter_count_equals_peft(case):
     assert ours == peft_model.get_nb_trainable_parameters()
 
 
-def test_peft_outputs_match_lorakit_outputs_for_the_same_factors():
-    """Not just files: the two forward passes agree given the same A and B."""
-    case = CASES[0]
+def peft_key(key: str) -> str:
+    """lorakit's parameter name of a factor as PEFT names it for adapter "default"."""
+    return key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+
+
+def twins(case: Case) -> tuple[nn.Module, nn.Module]:
+    """A lorakit and a PEFT model with the same random, non-zero factors."""
     ours = lk.inject(case.build(), lk.LoraConfig(**case.lorakit, init=False))
     theirs = get_peft_model(case.build(), PeftLoraConfig(**case.peft, init_lora_weights=False)).eval()
     with torch.no_grad():
         for key, p in lk.model.adapter_parameters(ours).items():
-            peft_key = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
-                ".lora_B.weight", ".lora_B.default.weight"
-            )
-            dict(theirs.named_parameters())[peft_key].copy_(p)
+            dict(theirs.named_parameters())[peft_key(key)].copy_(p)
+    return ours, theirs
+
+
+def test_peft_outputs_match_lorakit_outputs_for_the_same_factors():
+    """Not just files: the two forward passes agree given the same A and B."""
+    case = CASES[0]
+    ours, theirs = twins(case)
     torch.testing.assert_close(logits(ours, case.inputs()), logits(theirs, case.inputs()), atol=ATOL, rtol=ATOL)
+
+
+def test_under_bfloat16_autocast_loss_and_gradients_match_peft():
+    """Autocast (transformers' Trainer with bf16=True) picks each op's dtype: fp32 factors, bf16 products."""
+    ours, theirs = twins(CASES[0])
+    for model in (ours, theirs):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.loss = model(input_ids=TOKENS, labels=TOKENS).loss
+        model.loss.backward()
+    torch.testing.assert_close(ours.loss, theirs.loss)
+    peft_params = dict(theirs.named_parameters())
+    for key, p in lk.model.adapter_parameters(ours).items():
+        torch.testing.assert_close(p.grad, peft_params[peft_key(key)].grad, atol=1e-2, rtol=2e-2)
+
+
+def test_mixed_batch_under_bfloat16_autocast_matches_peft():
+    ours, theirs = twins(CASES[0])
+    order, inputs = ["default", "__base__"], {"input_ids": TOKENS}
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        expected = theirs(**inputs, adapter_names=order).logits
+        got = lk.forward_per_sample(ours, order, **inputs).logits
+    torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
+
+
+def test_linears_inside_modules_to_save_get_no_adapter_and_peft_loads_the_file(tmp_path):
+    """RoBERTa's classification head holds two Linears: all-linear with the head in modules_to_save adapts
+    neither (the head trains as a full copy), as PEFT decides."""
+    config = RobertaConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(config).eval()
+    settings = {"r": 2, "target_modules": "all-linear", "modules_to_save": ["classifier"]}
+    ours = lk.inject(copy.deepcopy(model), lk.LoraConfig(**settings, init=False))
+    theirs = get_peft_model(copy.deepcopy(model), PeftLoraConfig(**settings))
+    adapted_by_peft = {
+        name.removeprefix("base_model.model.") for name, m in theirs.named_modules() if isinstance(m, PeftLoraLayer)
+    }
+    assert {path for path, _ in lk.model.lora_layers(ours)} == adapted_by_peft
+    assert not any(path.startswith("classifier") for path in adapted_by_peft)
+    lk.save_adapter(ours, tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter").eval()
+    inputs = {"input_ids": TOKENS}
+    torch.testing.assert_close(logits(loaded, inputs), logits(ours, inputs), atol=ATOL, rtol=ATOL)
 
 
 def test_peft_adapter_on_embed_tokens_with_saved_base_layer_loads(tmp_path):

@@ -27,9 +27,11 @@ __all__ = [
     "matches_target",
     "pattern_value",
     "targets_from_text",
+    "within_target",
 ]
 
 ALL_LINEAR = "all-linear"
+REGEX_SYNTAX = set("^$*+?{}[]()|\\")  # "." is left out: "self_attn.q_proj" is a name, matched as a path suffix
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian", False)
 
@@ -138,10 +140,17 @@ def matches_target(spec: list[str] | str | None, module_name: str) -> bool:
     return any(module_name == name or module_name.endswith("." + name) for name in spec)
 
 
+def within_target(spec: list[str] | str | None, module_name: str) -> bool:
+    """Whether `module_name` or a module containing it is picked by `spec` (see `matches_target`)."""
+    parts = module_name.split(".")
+    return any(matches_target(spec, ".".join(parts[:end])) for end in range(1, len(parts) + 1))
+
+
 def targets_from_text(text: str | None) -> list[str] | str | None:
-    """A command line's --targets: "q_proj,v_proj" is a list of names; one name, a regex or "all-linear" stays
-    a string (matched as a regex, or "all-linear")."""
-    if text is None or "," not in text:
+    """A command line's --targets: names separated by commas ("q_proj" or "q_proj,v_proj") become a list of
+    names; text with regex syntax ("^*+?{}[]()|\\$") stays one regex matched against the whole path, and
+    "all-linear" stays itself."""
+    if text is None or text == ALL_LINEAR or any(char in REGEX_SYNTAX for char in text):
         return text
     return [name.strip() for name in text.split(",") if name.strip()]
 

@@ -140,6 +140,7 @@ class LoraLayer(nn.Module):
         self.restore_original_weight(name)
         del self.lora_A[name], self.lora_B[name]
         del self.scale[name], self.dropout[name]
+        self._stack_cache = None
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def rank(self, name: str) -> int:
@@ -180,9 +181,12 @@ class LoraLayer(nn.Module):
         adapters this layer does not have are all-zero factors."""
         present = [n for n in routing.names if n in self.lora_A]
         params = [p for n in present for p in (self.lora_A[n], self.lora_B[n])]
-        # without gradients the stacks are reused until a factor changes (`_version` counts in-place updates)
+        # Without gradients the stacks are reused until a factor changes: `_version` counts in-place updates,
+        # the data pointer, dtype and device change with `.to(...)`, which swaps a parameter's data in place.
+        # (Writes through `p.data` bypass the version counter: use `with torch.no_grad(): p.copy_(...)`.)
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        key = (tuple(routing.names), tuple((id(p), p._version) for p in params), tuple(self.scale[n] for n in present))
+        versions = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        key = (tuple(routing.names), versions, tuple(self.scale[n] for n in present))
         cached = self._stack_cache
         if cacheable and cached is not None and cached[0] == key:
             return cached[1], cached[2]
@@ -320,8 +324,8 @@ class LoraLinear(LoraLayer):
         W, bias = self.base_parameters["weight"], self.base_parameters["bias"]
         A, B = self.A_parameters[name], self.B_parameters[name]
         dtype = x.dtype
-        if not (dtype == W.dtype == A.dtype == B.dtype):
-            return super().forward(x)
+        if not (dtype == W.dtype == A.dtype == B.dtype) or torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)  # mixed dtypes, or autocast choosing one per op: the general path
         scale, p = self.scale[name], self.dropout[name]
         x_lora = F.dropout(x, p, True) if p > 0 and self.training else None
         if torch.is_grad_enabled() and (
@@ -359,7 +363,7 @@ class LoraLinear(LoraLayer):
         h = self.per_sample_dropout(h, routing)
         h = torch.bmm(h, A[routing.index].mT)  # (batch, L, r_max)
         B_routed = B[routing.index].mT  # (batch, r_max, out)
-        if h.dtype != y.dtype:
+        if not h.dtype == y.dtype == B_routed.dtype:  # autocast or mixed dtypes: in-place products don't cast
             return y + torch.bmm(h, B_routed).view(y.shape).to(y.dtype)
         needs_grad = torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or B_routed.requires_grad)
         if needs_grad or not y.is_contiguous():

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import ALL_LINEAR, LoraConfig, matches_target
+from lorakit.config import ALL_LINEAR, LoraConfig, matches_target, within_target
 from lorakit.layers import (
     LoraEmbedding,
     LoraLayer,
@@ -113,7 +113,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             hit = (isinstance(base, nn.Linear) or is_conv1d(base)) and base is not head and module is not head
         else:
             hit = matches_target(config.target_modules, name)
-        excluded = matches_target(config.exclude_modules, name) or matches_target(config.modules_to_save, name)
+        # a module inside a full trainable copy (modules_to_save) gets no adapter of its own, as in PEFT
+        excluded = matches_target(config.exclude_modules, name) or within_target(config.modules_to_save, name)
         if hit and not excluded:
             found.append(name)
     if not found:
@@ -148,6 +149,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
         raise ValueError(f"adapter names are letters, digits, '_' and '-' (not {BASE!r}), got {adapter!r}")
     if adapter in configs(model):
         raise ValueError(f"the model already has an adapter named {adapter!r}; delete it first or pick another name")
+    check_merged_stay_active(model, [adapter])  # the new adapter becomes the only active one
     targets = find_targets(model, config)
     # wrap everything first, so that an unsupported module fails before the model is touched
     layers = {}
@@ -158,7 +160,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
     if config.modules_to_save and not copy_paths:
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module")
     for path in copy_paths:
-        if isinstance(model.get_submodule(path), LoraLayer):
+        if any(isinstance(m, LoraLayer) for m in model.get_submodule(path).modules()):
             raise ValueError(f"{path} carries LoRA adapters and cannot also be a full trainable copy (modules_to_save)")
 
     from_weight = is_svd_init(config.init)
@@ -220,6 +222,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
             if not copies.copies:
                 _set_module(model, path, copies.original)
     del configs(model)[adapter]
+    model.__dict__["lorakit_active"] = [name for name in active_adapters(model) if name != adapter]
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -231,10 +234,21 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(model.__dict__.get("lorakit_active", []))
 
 
+def check_merged_stay_active(model: nn.Module, names: list[str]) -> None:
+    """A merged adapter is part of the base weights: it cannot be switched off by making others active."""
+    merged = {name for _, layer in lora_layers(model) for name in layer.merged_adapters}
+    if merged - set(names):
+        raise ValueError(
+            f"adapters {sorted(merged - set(names))} are merged into the base weights: "
+            "lk.unmerge(model) before changing the active adapters"
+        )
+
+
 def set_adapter(model: nn.Module, adapters: str | list[str]) -> None:
     """Makes `adapters` the active ones; several active adapters add their updates up."""
     names = [adapters] if isinstance(adapters, str) else list(adapters)
     check_known(model, names)
+    check_merged_stay_active(model, names)
     for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in names if n in layer.lora_A]
     for _, copies in module_copies(model):
@@ -244,7 +258,10 @@ def set_adapter(model: nn.Module, adapters: str | list[str]) -> None:
 
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model is its base alone; the previous state returns even if the block raises."""
+    """Within the block the model is its base alone; the previous state returns even if the block raises.
+
+    The base as it is now: under an adapter initialised from the weight (PiSSA, MiLoRA, OLoRA) that is the
+    residual W − s·B₀A₀, not the original W, which `unload` gives back."""
     switches = [m for _, m in lora_layers(model)] + [m for _, m in module_copies(model)]
     if any(isinstance(m, LoraLayer) and m.merged_adapters for m in switches):
         raise RuntimeError("adapters are merged into the base weights: lk.unmerge(model) before disabling them")
@@ -357,12 +374,16 @@ def trained_biases(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
     bias = configs(model)[adapter].bias
     if bias == "none":
         return {}
-    adapted = {f"{path}.base.bias": path for path, layer in lora_layers(model) if adapter in layer.lora_A}
+    wrapped = {f"{path}.base.bias": (path, adapter in layer.lora_A) for path, layer in lora_layers(model)}
     copies = tuple(f"{path}." for path, _ in module_copies(model))
     found = {}
     for name, p in model.named_parameters():
-        if name in adapted:
-            found[f"{PEFT_PREFIX}{adapted[name]}.base_layer.bias"] = p
+        if name in wrapped:
+            path, ours = wrapped[name]
+            if ours:
+                found[f"{PEFT_PREFIX}{path}.base_layer.bias"] = p
+            elif bias == "all":  # a layer only other adapters wrap: named as in a model with just this adapter
+                found[f"{PEFT_PREFIX}{path}.bias"] = p
         elif (
             bias == "all" and name.rsplit(".", 1)[-1] == "bias" and ".lora_" not in name and not name.startswith(copies)
         ):
