@@ -4,8 +4,11 @@ import json
 import re
 
 import pytest
+from conftest import cli_error
 
+import lorakit as lk
 from lorakit.cli import main
+from lorakit.demo import LAYERS, low_rank_view, oversized_mlp
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +83,26 @@ def test_same_seed_gives_the_same_numbers(demo_run, tmp_path):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [
-        (["--rank", "0"], "--rank must be a positive integer"),
-        (["--steps", "-1"], "--steps must be >= 0"),
-        (["--rank", "two"], "invalid int value"),
-    ],
+    [(["--rank", "0"], "--rank must be a positive integer"), (["--steps", "-1"], "--steps must be >= 0")],
 )
-def test_bad_flags_exit_2(capsys, tmp_path, argv, message):
+def test_out_of_range_flags_exit_2_with_one_line(capsys, tmp_path, argv, message):
+    err = cli_error(["demo", "--quick", "--out", str(tmp_path / "out"), *argv], capsys)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_flag_of_the_wrong_type_exits_2_with_usage(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
-        main(["demo", "--quick", "--out", str(tmp_path), *argv])
+        main(["demo", "--quick", "--out", str(tmp_path), "--rank", "two"])
     assert exit_.value.code == 2
-    assert message in capsys.readouterr().err
+    assert "invalid int value" in capsys.readouterr().err
+
+
+def test_low_rank_view_with_a_rank_past_the_smallest_layer_keeps_all_energy():
+    model = lk.inject(oversized_mlp(), lk.LoraConfig(r=12, target_modules=list(LAYERS)))  # linear3 is 10 × 2000
+    rows, _ = low_rank_view(model, 12)
+    assert [row["energy_top_12"] for row in rows][-1] == 1.0
 
 
 def test_unwritable_out_exits_2_with_one_line(capsys, tmp_path):

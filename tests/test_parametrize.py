@@ -151,3 +151,9 @@ def test_training_updates_only_a_and_b():
 def test_rank_must_be_positive(rank):
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         lk.LoRAParametrization(4, 4, rank=rank)
+
+
+def test_factors_of_the_transposed_shape_are_refused_not_reshaped():
+    layer = nn.Linear(784, 1000)  # weight (1000, 784): same size as 784 × 1000, another shape
+    with pytest.raises(ValueError, match=r"\(784, 1000\) update for a weight of shape \(1000, 784\)"):
+        parametrize.register_parametrization(layer, "weight", lk.LoRAParametrization(784, 1000, rank=1))

@@ -98,7 +98,15 @@ def oversized_mlp() -> nn.Sequential:
     )
 
 
-def train(model, x, y, steps, generator, console, label) -> list[float]:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,  # (n, 64)
+    y: torch.Tensor,  # (n,)
+    steps: int,
+    generator: torch.Generator,
+    console: Console,
+    label: str,
+) -> list[float]:
     """`steps` AdamW steps on random batches of (x, y), with a progress bar; returns each step's loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
@@ -119,7 +127,7 @@ def train(model, x, y, steps, generator, console, label) -> list[float]:
     return losses
 
 
-def evaluate(model, data: Digits) -> tuple[list[int], float, torch.Tensor]:
+def evaluate(model: nn.Module, data: Digits) -> tuple[list[int], float, torch.Tensor]:
     """Wrong predictions per digit, accuracy, and the test logits."""
     with torch.no_grad():
         logits = model(data.x_test)
@@ -179,7 +187,8 @@ def low_rank_view(model: nn.Module, rank: int) -> tuple[list[dict], dict[str, to
                 "rank": lowrank.rank_of_spectrum(S, tuple(W.shape)),
                 "effective_rank": round(lowrank.effective_rank_of_spectrum(S), 2),
                 "rank_for_90_energy": lowrank.rank_for_energy_of_spectrum(S, 0.9),
-                f"energy_top_{rank}": round(float(lowrank.energy_of_spectrum(S)[rank - 1]), 4),
+                # a rank past the weight's smaller side keeps all of its energy
+                f"energy_top_{rank}": round(float(lowrank.energy_of_spectrum(S)[min(rank, len(S)) - 1]), 4),
                 "delta_rank": lowrank.rank(delta),
                 "delta_norm": float(torch.linalg.matrix_norm(delta)),
             }

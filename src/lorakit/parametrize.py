@@ -39,4 +39,12 @@ class LoRAParametrization(nn.Module):
     def forward(self, original_weights: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return original_weights
-        return original_weights + (self.lora_B @ self.lora_A).view(original_weights.shape) * self.scale
+        delta = self.lora_B @ self.lora_A  # (features_in, features_out)
+        rows = original_weights.shape[0]
+        if delta.shape != (rows, original_weights.numel() // rows):  # a conv weight is (out, in·k…) flattened
+            raise ValueError(
+                f"LoRAParametrization{tuple(delta.shape)} makes a {tuple(delta.shape)} update for a weight of "
+                f"shape {tuple(original_weights.shape)}: pass the weight's shape as stored, "
+                "LoRAParametrization(*layer.weight.shape)"
+            )
+        return original_weights + delta.view(original_weights.shape) * self.scale

@@ -27,10 +27,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.rank <= 0:
-        parser.error(f"--rank must be a positive integer, got {args.rank}")
-    if args.steps < 0:
-        parser.error(f"--steps must be >= 0, got {args.steps}")
     settings = DemoSettings(
         out=args.out, seed=args.seed, rank=args.rank, alpha=args.alpha, steps=args.steps, quick=args.quick
     )
