@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# The same generated examples on every run: a failure is reproducible, and CI cannot pass on a lucky draw.
+settings.register_profile("lorakit", derandomize=True)
+settings.load_profile("lorakit")
 
 WORDS = [
     *("the", "a", "cat", "dog", "sat", "on", "mat", "ran", "to", "park", "sun", "is", "hot", "cold"),

@@ -4,6 +4,7 @@ association, (x Aᵀ) Bᵀ or x (W + s·B·A)ᵀ, by token count. Both are check
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
@@ -60,12 +61,29 @@ def test_fused_node_gradients_match_finite_differences(transposed, bias, separat
     assert torch.autograd.gradcheck(fused, (x, x_lora, W, b, A, B))
 
 
-def test_fused_node_computes_only_the_gradients_asked_for():
+class MatmulCounter(TorchDispatchMode):
+    """Counts the matrix products (mm, addmm, bmm, ...) that run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__.rstrip("_") in ("mm", "addmm", "bmm", "baddbmm", "matmul")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("input_needs_grad, products", [(False, 3), (True, 5)])
+def test_fused_node_computes_only_the_gradients_asked_for(input_needs_grad, products):
+    """Frozen base: g·B, the two factor gradients and, only when the input needs one, g·W + (g·B)·A.
+    No out × in weight gradient, ever."""
     layer = lora_linear()
-    x = torch.randn(5, IN, dtype=torch.float64)  # no input gradient needed, base frozen
+    x = torch.randn(5, IN, dtype=torch.float64, requires_grad=input_needs_grad)
     y = layer(x)
     assert type(y.grad_fn).__name__ == "LoraLinearFunctionBackward"
-    y.sum().backward()
+    with MatmulCounter() as counter:
+        y.sum().backward()
+    assert counter.count == products
     assert layer.base.weight.grad is None and layer.base.bias.grad is None
     assert layer.lora_A["default"].grad is not None and layer.lora_B["default"].grad is not None
 
