@@ -1,5 +1,6 @@
 """`lorakit rank`: file formats, the worked examples, the plot, and one clear error for bad input."""
 
+import io
 import json
 
 import numpy as np
@@ -77,6 +78,18 @@ def write(tmp_path, name, content):
     return str(path)
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def npz_bytes(directory) -> bytes:
+    """An .npz archive (a zip), which np.load would open lazily rather than refuse."""
+    np.savez(directory / "archive.npz", m=np.eye(2))
+    return (directory / "archive.npz").read_bytes()
+
+
 @pytest.mark.parametrize(
     "make_args, message",
     [
@@ -86,6 +99,10 @@ def write(tmp_path, name, content):
         (lambda d: ["rank", write(d, "v.npy", np.ones(3))], "must be 2-D"),
         (lambda d: ["rank", write(d, "t.npy", np.ones((2, 2, 2)))], "must be 2-D"),
         (lambda d: ["rank", write(d, "n.npy", np.array([[1.0, np.nan]]))], "NaN or inf"),
+        (lambda d: ["rank", write(d, "empty.npy", b"")], "empty.npy is not a readable .npy array"),
+        (lambda d: ["rank", write(d, "cut.npy", npy_bytes(np.eye(3))[:-10])], "cut.npy is not a readable .npy array"),
+        (lambda d: ["rank", write(d, "zip.npy", npz_bytes(d))], "zip.npy is not a readable .npy array"),
+        (lambda d: ["rank", write(d, "o.npy", np.array([[{}]], dtype=object))], "o.npy is not a readable .npy array"),
         (lambda d: ["rank", write(d, "i.csv", "1,inf\n0,1\n")], "NaN or inf"),
         (lambda d: ["rank", write(d, "w.safetensors", {"a": torch.eye(2)}), "--key", "nope"], "no tensor named 'nope'"),
         (lambda d: ["rank", write(d, "v.safetensors", {"v": torch.ones(3)})], "no 2-D tensor"),

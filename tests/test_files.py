@@ -17,8 +17,10 @@ from torch import nn
 
 import lorakit as lk
 import lorakit.files
+from lorakit.commands.rank import read_matrices
 from lorakit.layers import LoraLayer, ModuleCopies
 from lorakit.model import active_adapters, lora_layers, module_copies
+from lorakit.svd_tools import TensorSource
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -610,3 +612,20 @@ def test_no_lorakit_module_is_left_after_a_failed_load_into_a_plain_model(good):
     with pytest.raises(ValueError, match="lacks 1 tensor"):
         lk.load_adapter(model, good)
     assert not any(isinstance(m, LoraLayer | ModuleCopies) for m in model.modules())
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_every_safetensors_reader_refuses_a_bad_file_with_the_same_error_naming_it(tmp_path, damage):
+    """Adapter weights, extract's model files and `lorakit rank` all read .safetensors through one helper."""
+    path = tmp_path / WEIGHTS
+    save_file({"a": torch.eye(4)}, path)
+    data = path.read_bytes()
+    path.write_bytes(b"\xff" * 64 if damage == "garbage" else data[: len(data) // 2])
+    message = re.escape(f"{path} is not a readable safetensors file: ")
+    for read in (
+        lambda: lorakit.files.read_adapter_weights(tmp_path),
+        lambda: TensorSource(path),
+        lambda: read_matrices(path),
+    ):
+        with pytest.raises(ValueError, match=message):
+            read()

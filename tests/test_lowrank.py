@@ -204,6 +204,17 @@ def test_subspace_similarity_matches_numpy_formula(r1, r2, seed):
     assert 0.0 <= expected <= 1.0 + 1e-12
 
 
+def test_subspace_similarities_holds_every_pairwise_phi_of_the_numpy_formula():
+    g = torch.Generator().manual_seed(4)
+    A1 = torch.randn(5, 20, generator=g, dtype=torch.float64)
+    A2 = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    V1, V2 = np.linalg.svd(A1.numpy())[2], np.linalg.svd(A2.numpy())[2]
+    expected = [[np.linalg.norm(V1[:i] @ V2[:j].T) ** 2 / min(i, j) for j in range(1, 4)] for i in range(1, 6)]
+    phi = lowrank.subspace_similarities(A1, A2)
+    np.testing.assert_allclose(phi.numpy(), expected, rtol=1e-9, atol=1e-12)
+    assert lowrank.subspace_similarity(A1, A2, 4, 2) == phi[3, 1]
+
+
 def test_subspace_similarity_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="same number of columns"):
         lowrank.subspace_similarity(torch.randn(2, 5), torch.randn(2, 6), 1, 1)
@@ -225,7 +236,22 @@ def test_randomized_truncated_svd_matches_exact_on_decaying_spectrum():
     randomized_error = float(torch.linalg.matrix_norm(M - lowrank.approx(M, r, method="randomized")))
     assert randomized_error <= best * (1 + 1e-6)
     # "auto" takes the randomized path here and gives the same answer
-    torch.testing.assert_close(lowrank.approx(M, r), lowrank.approx(M, r, method="exact"), atol=1e-8, rtol=0)
+    auto = lowrank.approx(M, r, method="auto")
+    torch.testing.assert_close(auto, lowrank.approx(M, r, method="exact"), atol=1e-8, rtol=0)
+
+
+def test_approx_and_factors_are_exact_by_default_on_large_matrices():
+    """A flat spectrum at the size where "auto" would go randomized: the default still gives the Eckart–Young
+    optimum, numpy's truncated SVD, with exactly the error approx_error promises."""
+    g = torch.Generator().manual_seed(2)
+    M, r = torch.randn(1024, 1024, generator=g, dtype=torch.float64), 8
+    U, s, Vt = np.linalg.svd(M.numpy())
+    best = (U[:, :r] * s[:r]) @ Vt[:r]
+    found = lowrank.approx(M, r)
+    np.testing.assert_allclose(found.numpy(), best, atol=1e-9, rtol=0)
+    assert float(torch.linalg.matrix_norm(M - found)) == pytest.approx(lowrank.approx_error(M, r), rel=1e-12)
+    B, A = lowrank.factors(M, r)
+    np.testing.assert_allclose((B @ A).numpy(), best, atol=1e-9, rtol=0)
 
 
 def test_inputs_are_checked():

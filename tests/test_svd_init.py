@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit as lk
+import lorakit.model
+import lorakit.svd_init
 from lorakit.layers import LoraLayer
 
 ATOL = 1e-5
@@ -355,3 +357,19 @@ def test_rank_larger_than_one_weight_raises_before_changing_anything(init):
     after = state(model)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[key], before[key]) for key in before)
+
+
+@pytest.mark.parametrize("init", SVD_INITS)
+def test_each_layer_is_checked_once_under_its_module_path(init, monkeypatch):
+    """inject checks every layer before rewriting the first; initialising one must not check it again under
+    another name (the base module's class), which a refusal would then print instead of the layer's path."""
+    check, checked = lorakit.svd_init.check_svd_init, []
+
+    def recording(layer, path, *args):
+        checked.append(path)
+        check(layer, path, *args)
+
+    monkeypatch.setattr(lorakit.model, "check_svd_init", recording)
+    monkeypatch.setattr(lorakit.svd_init, "check_svd_init", recording)
+    model = lk.inject(build_tiny_llama(), lk.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], init=init))
+    assert sorted(checked) == sorted(name for name, _ in lora_layers(model))

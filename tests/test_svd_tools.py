@@ -17,6 +17,7 @@ import re
 import resource
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_gpt2, build_tiny_llama, cli_error, run_cli
@@ -329,6 +330,25 @@ def test_resize_refuses_a_rank_above_the_adapters():
         lk.resize(state, r=6)  # b.o has rank 4
 
 
+def test_factored_svd_of_a_rank_above_the_layer_is_thin_and_matches_numpy():
+    A, B = random_factors(8, 40, 16, seed=5, dtype=torch.float64)  # r = 16 > out = 8
+    U, S, Vh = lk.svd_tools.factored_svd(B, A, 0.5)
+    assert (U.shape, S.shape, Vh.shape) == ((8, 8), (8,), (8, 40))
+    np.testing.assert_allclose(S.numpy(), np.linalg.svd(0.5 * B.numpy() @ A.numpy(), compute_uv=False), rtol=1e-12)
+    torch.testing.assert_close((U * S) @ Vh, 0.5 * B @ A, atol=1e-12, rtol=0)
+
+
+def test_resize_of_an_adapter_whose_rank_exceeds_the_layer_caps_at_min_out_in():
+    """r = 16 on an 8 × 40 layer: ΔW has rank at most 8, so 12 is refused by name and 6 is the best fit."""
+    A, B = random_factors(8, 40, 16, seed=5)
+    state = adapter({"narrow": (A, B)}, alpha=16.0)
+    with pytest.raises(ValueError, match=re.escape("rank 12 is larger than layer narrow (8 × 40, rank 16) allows")):
+        lk.resize(state, r=12)
+    found = layer_deltas(lk.resize(state, r=6))["narrow"]
+    torch.testing.assert_close(found, lk.lowrank.approx(full(A, B, 16.0), 6), atol=1e-5, rtol=1e-5)
+    assert lk.resize(state, energy=1.0).report["layers"]["narrow"]["rank"] == 8
+
+
 def gram_singular_values(A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
     """The singular values of s·B·A from r × r products: σ² are the eigenvalues of s²(BᵀB)(AAᵀ)."""
     A, B = A.double(), B.double()
@@ -471,6 +491,47 @@ def test_inspect_matches_the_spectrum_rank_and_effective_rank_of_the_full_delta(
     assert rows["full"]["rank"] == 4 and rows["deficient"]["rank"] == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inspect_finds_the_rank_of_a_half_precision_adapter_above_its_storage_round_off(dtype):
+    """PEFT saves factors in the model's dtype. Three 64 × 512 layers of r = 16: B of rank 3 before rounding
+    (rounding makes it full rank, at round-off level), random factors (rank 16), B with repeated columns (8)."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    repeated = randn(64, 16)
+    repeated[:, 8:] = repeated[:, :8]
+    factors = {
+        "planted": (randn(16, 512), randn(64, 3) @ randn(3, 16)),
+        "random": (randn(16, 512), randn(64, 16)),
+        "repeated": (randn(16, 512), repeated),
+    }
+    state = adapter({path: (A.to(dtype), B.to(dtype)) for path, (A, B) in factors.items()}, alpha=16.0)
+    rows = {row["layer"]: row for row in lk.inspect(state)}
+    assert {path: row["rank"] for path, row in rows.items()} == {"planted": 3, "random": 16, "repeated": 8}
+    for path, row in rows.items():  # the spectrum is that of the stored factors, computed in float64
+        A, B = (t.to(dtype).double().numpy() for t in factors[path])
+        S = np.linalg.svd(B @ A, compute_uv=False)[:16]
+        np.testing.assert_allclose(row["singular_values"], S, rtol=1e-9, atol=1e-12 * S[0])
+
+
+def test_compare_runs_one_svd_per_adapter_and_layer_and_keeps_the_pairwise_phi(monkeypatch):
+    f1 = {"a.q": random_factors(40, 30, 6, 1, torch.float64), "a.v": random_factors(20, 50, 4, 2, torch.float64)}
+    f2 = {"a.q": random_factors(40, 30, 5, 3, torch.float64), "a.v": random_factors(20, 50, 3, 4, torch.float64)}
+    svd, calls = torch.linalg.svd, []
+    monkeypatch.setattr(torch.linalg, "svd", lambda *args, **kwargs: calls.append(1) or svd(*args, **kwargs))
+    rows = {row["layer"]: row for row in lk.compare(adapter(f1), adapter(f2))}
+    assert len(calls) == 2 * 2  # two layers, one SVD of each adapter's A: not 2 · r₁ · r₂ per layer
+    for path, row in rows.items():  # the pairwise definition, in numpy
+        V1, V2 = (np.linalg.svd(f[path][0].numpy())[2] for f in (f1, f2))
+        expected = [
+            [np.linalg.norm(V1[:i] @ V2[:j].T) ** 2 / min(i, j) for j in range(1, row["r2"] + 1)]
+            for i in range(1, row["r1"] + 1)
+        ]
+        np.testing.assert_allclose(row["phi"], expected, rtol=1e-9, atol=1e-12)
+
+
 def test_compare_phi_comes_from_subspace_similarity_of_the_a_matrices_and_cosine_from_the_deltas():
     f1 = {"a.q": random_factors(40, 30, 4, 1), "a.v": random_factors(20, 50, 2, 2)}
     f2 = {"a.q": random_factors(40, 30, 3, 3), "b.o": random_factors(30, 30, 2, 4)}
@@ -557,6 +618,39 @@ def junk(directory) -> str:
     return str(path)
 
 
+def sharded(directory, *, index: str | None = None, shard: bytes | None = None, lists_extra: bool = False) -> str:
+    """A model directory of two shards and model.safetensors.index.json; `index` replaces the index's text,
+    `shard` the second shard's bytes, and `lists_extra` makes the index put a tensor in a shard that lacks it."""
+    model = directory / "sharded"
+    model.mkdir()
+    save_file({"w.weight": W}, model / "model-00001-of-00002.safetensors")
+    save_file({"v.weight": W.T.contiguous()}, model / "model-00002-of-00002.safetensors")
+    if shard is not None:
+        (model / "model-00002-of-00002.safetensors").write_bytes(shard)
+    weight_map = {"w.weight": "model-00001-of-00002.safetensors", "v.weight": "model-00002-of-00002.safetensors"}
+    if lists_extra:
+        weight_map["u.weight"] = "model-00002-of-00002.safetensors"
+    text = json.dumps({"metadata": {}, "weight_map": weight_map}) if index is None else index
+    (model / "model.safetensors.index.json").write_text(text)
+    return str(model)
+
+
+def extract_sharded(directory, **damage) -> list[str]:
+    return [
+        "extract",
+        sharded(directory, **damage),
+        write_weights(directory, "t.safetensors", {"w.weight": W}),
+        "--rank",
+        "1",
+    ]
+
+
+def saved_narrow(directory) -> str:
+    """An adapter of r = 16 on an 8 × 40 layer."""
+    adapter({"narrow": random_factors(8, 40, 16, seed=5)}, alpha=16.0).save(directory / "narrow")
+    return str(directory / "narrow")
+
+
 W = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
 
 
@@ -579,17 +673,20 @@ BAD_INPUT = {
     ),
     "energy-0": (
         lambda d: extract_args(d, {"w.weight": W}, {"w.weight": W + 1}, "--energy", "0"),
-        "--energy must be in",
+        "energy fraction must be in (0, 1], got 0.0",
     ),
     "energy-negative": (
         lambda d: extract_args(d, {"w.weight": W}, {"w.weight": W + 1}, "--energy", "-0.5"),
-        "--energy must be in",
+        "energy fraction must be in (0, 1], got -0.5",
     ),
     "energy-above-1": (
         lambda d: extract_args(d, {"w.weight": W}, {"w.weight": W + 1}, "--energy", "1.5"),
-        "--energy must be in",
+        "energy fraction must be in (0, 1], got 1.5",
     ),
-    "rank-0": (lambda d: extract_args(d, {"w.weight": W}, {"w.weight": W + 1}, "--rank", "0"), "--rank must be"),
+    "rank-0": (
+        lambda d: extract_args(d, {"w.weight": W}, {"w.weight": W + 1}, "--rank", "0"),
+        "rank must be a positive integer, got 0",
+    ),
     "identical": (lambda d: extract_args(d, {"w.weight": W}, {"w.weight": W.clone()}, "--rank", "1"), "no 2-D weight"),
     "missing-base": (
         lambda d: ["extract", str(d / "nope"), write_weights(d, "t.safetensors", {"w.weight": W}), "--rank", "1"],
@@ -603,23 +700,38 @@ BAD_INPUT = {
         lambda d: ["extract", write_weights(d, "b.safetensors", {"w.weight": W}), junk(d), "--rank", "1"],
         "not a readable safetensors",
     ),
+    "corrupt-shard": (
+        lambda d: extract_sharded(d, shard=b"not a safetensors file"),
+        "model-00002-of-00002.safetensors is not a readable safetensors file",
+    ),
+    "shard-lacks-a-listed-tensor": (
+        lambda d: extract_sharded(d, lists_extra=True),
+        "model.safetensors.index.json puts 'u.weight' in model-00002-of-00002.safetensors, which does not hold it",
+    ),
+    "index-without-weight-map": (
+        lambda d: extract_sharded(d, index='{"metadata": {}}'),
+        'model.safetensors.index.json has no "weight_map"',
+    ),
+    "index-not-json": (
+        lambda d: extract_sharded(d, index='{"weight_map": '),
+        "model.safetensors.index.json is not valid JSON",
+    ),
     "resize-missing": (lambda d: ["resize", str(d / "nope"), "--rank", "1"], "no adapter directory"),
     "resize-rank-above-adapter": (lambda d: ["resize", saved_small(d, "a"), "--rank", "6"], "larger than"),
-    "resize-energy-above-1": (lambda d: ["resize", saved_small(d, "a"), "--energy", "1.5"], "--energy must be in"),
+    "resize-energy-above-1": (lambda d: ["resize", saved_small(d, "a"), "--energy", "1.5"], "energy fraction must be"),
+    "resize-rank-above-layer": (lambda d: ["resize", saved_narrow(d), "--rank", "12"], "(8 × 40, rank 16) allows"),
     "combine-missing": (lambda d: ["combine", saved_small(d, "a"), str(d / "nope")], "no adapter directory"),
     "combine-linear-unequal-ranks": (lambda d: ["combine", *saved_unequal(d), "--method", "linear"], "equal ranks"),
     "combine-mismatched-shapes": (lambda d: ["combine", *saved_mismatched(d), "--method", "cat"], "different shapes"),
     "combine-one-adapter": (lambda d: ["combine", saved_small(d, "a")], "at least two"),
+    "combine-weights": (lambda d: ["combine", *saved_unequal(d), "--weights", "1"], "got 1 weights for 2 adapters"),
+    "combine-rank-0": (lambda d: ["combine", *saved_unequal(d), "--rank", "0"], "rank must be a positive integer"),
+    "combine-rank-with-cat": (
+        lambda d: ["combine", *saved_unequal(d), "--method", "cat", "--rank", "2"],
+        "a rank only applies to method 'svd'",
+    ),
     "inspect-missing": (lambda d: ["inspect", str(d / "nope")], "no adapter directory"),
     "compare-missing": (lambda d: ["compare", saved_small(d, "a"), str(d / "nope")], "no adapter directory"),
-}
-USAGE_ERRORS = {
-    "energy-0",
-    "energy-negative",
-    "energy-above-1",
-    "rank-0",
-    "resize-energy-above-1",
-    "combine-one-adapter",
 }
 WRITES = ("extract", "resize", "combine")
 
@@ -634,8 +746,7 @@ def test_bad_input_gets_one_error_line_exit_code_2_and_writes_nothing(case, tmp_
     entries_before = set(tmp_path.iterdir())
     err = cli_error(argv, capsys)
     assert message in err
-    if case not in USAGE_ERRORS:  # argparse prints its usage line first; lorakit's own errors are one line
-        assert len(err.strip().splitlines()) == 1, err
+    assert len(err.strip().splitlines()) == 1, err  # no argparse usage lines: the library checks its arguments
     assert not out_dir.exists()
     assert set(tmp_path.iterdir()) == entries_before  # no temporary directory left behind either
 
@@ -656,3 +767,17 @@ def test_api_refuses_a_rank_larger_than_the_layer_and_mismatched_shapes():
         lk.extract({"w.weight": W}, {"w.weight": torch.zeros(6, 8)}, r=1)
     with pytest.raises(ValueError, match="no 2-D weight differs"):
         lk.extract({"w.weight": W}, {"w.weight": W.clone()}, r=1)
+
+
+def test_api_checks_the_rank_and_energy_arguments_before_reading_anything(tmp_path):
+    nowhere = tmp_path / "nope"
+    with pytest.raises(ValueError, match=re.escape("energy fraction must be in (0, 1], got 1.5")):
+        lk.extract(nowhere, nowhere, energy=1.5)
+    with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
+        lk.resize(nowhere, r=0)
+    with pytest.raises(ValueError, match="exactly one of a rank or an energy fraction"):
+        lk.resize(nowhere, r=2, energy=0.5)
+    with pytest.raises(ValueError, match="rank must be a positive integer, got -1"):
+        lk.combine([nowhere, nowhere], r=-1)
+    with pytest.raises(ValueError, match="a rank only applies to method 'svd'"):
+        lk.combine([nowhere, nowhere], method="cat", r=2)

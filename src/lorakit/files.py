@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.atomic import atomic_dir
@@ -164,12 +166,8 @@ def doubled_rank_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_adapter_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_NAME
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no adapter directory at {directory}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}")
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; a file that is not valid JSON, or holds no object, is one ValueError naming it."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -177,6 +175,25 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return raw
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """`safe_open(path)` for torch tensors, the one way lorakit reads a .safetensors file: a file that cannot be
+    read or is not valid safetensors (corrupt, truncated, missing) becomes one ValueError naming it."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def read_adapter_config(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no adapter directory at {directory}")
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}")
+    return read_json_object(directory / CONFIG_NAME)
 
 
 def config_from_peft(raw: dict[str, Any], where: str = CONFIG_NAME) -> LoraConfig:
@@ -214,10 +231,8 @@ def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
         pickled = [name for name in ("adapter_model.bin", "adapter_model.pt") if (directory / name).exists()]
         hint = f" ({pickled[0]} is a pickle, which lorakit never loads)" if pickled else ""
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}{hint}")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    with open_safetensors(path) as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (the handle is no dict: not iterable)
 
 
 def load_adapter(

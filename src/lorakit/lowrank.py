@@ -9,12 +9,13 @@ orthonormal, k = min(m, n), and Σ = diag(σ₁ ≥ σ₂ ≥ … ≥ σ_k ≥ 0
 - approx / factors: by Eckart–Young, keeping the top r triplets is the best rank-r approximation, and its
   two factors B (m × r) and A (r × n) are exactly the shapes of a LoRA update ΔW = B A.
 - pinv: the Moore–Penrose pseudo-inverse, V Σ⁺ Uᵀ.
-- subspace_similarity: how much two adapters' top directions overlap (LoRA paper, section 7).
+- subspace_similarity / subspace_similarities: how much two adapters' top directions overlap (LoRA paper, section 7).
 
 A worked example: [[1, 2, 3], [2, 4, 6], [1, 3, 5]] has singular values 10.2330, 0.5353 and 0, so rank 2
 (the second row is twice the first). Inputs may be float32 or float64 on any device; integer inputs are
-promoted to float64 and half-precision ones computed in float32. When only the top r triplets of a large
-matrix are needed, `truncated_svd` switches to the randomized SVD (Halko et al. 2011, torch.svd_lowrank).
+promoted to float64 and half-precision ones computed in float32. Everything is exact by default; when only
+the top r triplets of a large matrix are needed and an approximation will do, method="randomized" (or "auto")
+uses the randomized SVD (Halko et al. 2011, torch.svd_lowrank).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "rank_for_energy_of_spectrum",
     "rank_of_spectrum",
     "singular_values",
+    "subspace_similarities",
     "subspace_similarity",
     "truncated_svd",
 ]
@@ -78,11 +80,11 @@ def singular_values(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(as_matrix(M))
 
 
-def default_tolerance(S: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> float:
-    """numpy's `matrix_rank` threshold: σ_max · max(m, n) · eps of the dtype (S's own by default)."""
+def default_tolerance(S: torch.Tensor, shape: tuple[int, ...]) -> float:
+    """numpy's `matrix_rank` threshold: σ_max · max(m, n) · eps of S's dtype (the precision S was computed in)."""
     if S.numel() == 0:
         return 0.0
-    return float(S.max()) * max(shape) * torch.finfo(dtype or S.dtype).eps
+    return float(S.max()) * max(shape) * torch.finfo(S.dtype).eps
 
 
 def rank(M: torch.Tensor, tol: float | None = None) -> int:
@@ -112,13 +114,10 @@ def rank_for_energy(M: torch.Tensor, fraction: float) -> int:
 # The same quantities from a spectrum already at hand (say, one computed from LoRA factors).
 
 
-def rank_of_spectrum(
-    S: torch.Tensor, shape: tuple[int, ...], tol: float | None = None, dtype: torch.dtype | None = None
-) -> int:
-    """How many of the singular values S of a matrix of `shape` stand above `tol` (default: numpy's rule,
-    with the eps of `dtype`, by default S's own)."""
+def rank_of_spectrum(S: torch.Tensor, shape: tuple[int, ...], tol: float | None = None) -> int:
+    """How many of the singular values S of a matrix of `shape` stand above `tol` (default: numpy's rule)."""
     if tol is None:
-        tol = default_tolerance(S, shape, dtype)
+        tol = default_tolerance(S, shape)
     return int((S > tol).sum())
 
 
@@ -152,12 +151,13 @@ def rank_for_energy_of_spectrum(S: torch.Tensor, fraction: float) -> int:
 
 
 def truncated_svd(
-    M: torch.Tensor, r: int, method: SVDMethod = "auto", niter: int = 4
+    M: torch.Tensor, r: int, method: SVDMethod = "exact", niter: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top r singular triplets: U_r (m × r), S_r (r,), Vh_r (r × n).
 
-    method="exact" runs the full thin SVD; "randomized" runs torch.svd_lowrank with `niter` subspace
-    iterations and some oversampling; "auto" picks randomized for large matrices and small r.
+    method="exact" (the default) runs the full thin SVD; "randomized" runs torch.svd_lowrank with `niter`
+    subspace iterations and some oversampling, an approximation; "auto" picks randomized for large matrices
+    and small r, exact otherwise.
     """
     M = as_matrix(M)
     _check_rank_arg(r, M)
@@ -175,23 +175,24 @@ def truncated_svd(
     return U[:, :r], S[:r], Vh[:r]
 
 
-def approx(M: torch.Tensor, r: int, method: SVDMethod = "auto") -> torch.Tensor:
-    """The best rank-r approximation of M in Frobenius and spectral norm (Eckart–Young)."""
+def approx(M: torch.Tensor, r: int, method: SVDMethod = "exact") -> torch.Tensor:
+    """The best rank-r approximation of M in Frobenius and spectral norm (Eckart–Young); only close to it
+    with method="randomized" or "auto" (see `truncated_svd`)."""
     U, S, Vh = truncated_svd(M, r, method)
     return (U * S) @ Vh
 
 
 def approx_error(M: torch.Tensor, r: int) -> float:
-    """‖M − approx(M, r)‖_F = sqrt(σ_{r+1}² + … + σ_k²)."""
+    """‖M − approx(M, r)‖_F = sqrt(σ_{r+1}² + … + σ_k²), the smallest error any rank-r matrix can have."""
     M = as_matrix(M)
     _check_rank_arg(r, M)
     return float(torch.linalg.svdvals(M)[r:].square().sum().sqrt())
 
 
 def factors(
-    M: torch.Tensor, r: int, split: Literal["sqrt", "left"] = "sqrt", method: SVDMethod = "auto"
+    M: torch.Tensor, r: int, split: Literal["sqrt", "left"] = "sqrt", method: SVDMethod = "exact"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA-shaped factors (B, A), B (m × r) and A (r × n), with B @ A = approx(M, r).
+    """LoRA-shaped factors (B, A), B (m × r) and A (r × n), with B @ A = approx(M, r, method).
 
     split="sqrt": B = U_r √Σ_r, A = √Σ_r V_rᵀ (balanced, as PiSSA uses them).
     split="left": B = U_r Σ_r, A = V_rᵀ (A has orthonormal rows).
@@ -228,14 +229,24 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> f
     U_i holds the top-i right singular vectors of A1 (r1 × n), U_j the top-j of A2 (r2 × n): 1 when one
     subspace contains the other, 0 when they are orthogonal.
     """
+    phi = subspace_similarities(A1, A2)
+    for name, k, limit in (("i", i, phi.shape[0]), ("j", j, phi.shape[1])):
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
+            raise ValueError(f"{name} must be an integer in [1, {limit}], got {k!r}")
+    return float(phi[i - 1, j - 1])
+
+
+def subspace_similarities(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
+    """Every φ(A1, A2, i, j) of `subspace_similarity` at once, as a k1 × k2 tensor (entry [i-1, j-1]), with
+    k = min(A.shape): one SVD per matrix, since ‖U_iᵀ U_j‖_F² is a prefix sum of the squared entries of
+    V1ᵀ V2 (all right singular vectors of both)."""
     A1, A2 = as_matrix(A1, "A1"), as_matrix(A2, "A2")
     if A1.shape[1] != A2.shape[1]:
         raise ValueError(f"A1 and A2 need the same number of columns, got {tuple(A1.shape)} and {tuple(A2.shape)}")
-    for name, k, A in (("i", i, A1), ("j", j, A2)):
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(A.shape):
-            raise ValueError(f"{name} must be an integer in [1, {min(A.shape)}], got {k!r}")
     dtype = torch.promote_types(A1.dtype, A2.dtype)
-    V1 = torch.linalg.svd(A1.to(dtype), full_matrices=False).Vh[:i]  # (i × n)
-    V2 = torch.linalg.svd(A2.to(dtype), full_matrices=False).Vh[:j]  # (j × n)
-    overlap = (V1 @ V2.mT).square().sum() / min(i, j)
-    return float(overlap.clamp(0.0, 1.0))
+    V1 = torch.linalg.svd(A1.to(dtype), full_matrices=False).Vh  # (k1 × n)
+    V2 = torch.linalg.svd(A2.to(dtype), full_matrices=False).Vh  # (k2 × n)
+    overlap = (V1 @ V2.mT).square().cumsum(0).cumsum(1)  # [i-1, j-1] = ‖U_iᵀ U_j‖_F²
+    i = torch.arange(1, V1.shape[0] + 1, dtype=dtype, device=V1.device)
+    j = torch.arange(1, V2.shape[0] + 1, dtype=dtype, device=V2.device)
+    return (overlap / torch.minimum(i[:, None], j[None, :])).clamp(0.0, 1.0)

@@ -45,9 +45,12 @@ def check_svd_init(layer: LoraLayer, path: str, init: str, r: int, scale: float)
 
 
 def initialise_from_weight(layer: LoraLayer, adapter: str, init: str) -> None:
-    """Sets `adapter`'s A and B from the layer's weight and makes the base weight the residual."""
+    """Sets `adapter`'s A and B from the layer's weight and makes the base weight the residual.
+
+    The layer must have passed `check_svd_init` under its module path (as `inject` checks every layer before
+    it rewrites the first), so that a refusal names the layer.
+    """
     r, s = layer.rank(adapter), layer.scale[adapter]
-    check_svd_init(layer, type(layer.base).__name__, init, r, s)
     base = layer.base.weight
     W = (base.T if layer.fan_in_fan_out else base).detach()  # (out × in)
     if W.dtype != torch.float64:

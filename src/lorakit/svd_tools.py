@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from lorakit import lowrank
 from lorakit.atomic import atomic_dir
@@ -35,8 +34,10 @@ from lorakit.config import matches_target
 from lorakit.files import (
     CONFIG_NAME,
     config_from_peft,
+    open_safetensors,
     read_adapter_config,
     read_adapter_weights,
+    read_json_object,
     write_adapter_files,
 )
 from lorakit.model import PEFT_PREFIX
@@ -194,11 +195,14 @@ def state_from_layers(
 def factored_svd(
     B: torch.Tensor, A: torch.Tensor, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The thin SVD (U, S, Vh) of scale · B A from B (out × r) and A (r × in), never forming out × in."""
+    """The thin SVD (U, S, Vh) of scale · B A from B (out × r) and A (r × in), never forming out × in.
+
+    S holds min(out, in, r) singular values, U is out × that and Vh that × in: r may exceed out or in.
+    """
     B, A = B.double(), A.double()
-    Q_B, R_B = torch.linalg.qr(B)  # (out × k), (k × r)
-    Q_A, R_A = torch.linalg.qr(A.mT)  # (in × k'), (k' × r)
-    U, S, Vh = torch.linalg.svd(scale * R_B @ R_A.mT)  # the k × k' core
+    Q_B, R_B = torch.linalg.qr(B)  # (out × k), (k × r), k = min(out, r)
+    Q_A, R_A = torch.linalg.qr(A.mT)  # (in × k'), (k' × r), k' = min(in, r)
+    U, S, Vh = torch.linalg.svd(scale * R_B @ R_A.mT, full_matrices=False)  # the thin SVD of the k × k' core
     return Q_B @ U, S, Vh @ Q_A.mT
 
 
@@ -213,18 +217,29 @@ def frobenius_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: to
     return float(((B1.double().mT @ B2.double()) * (A1.double() @ A2.double().mT)).sum())
 
 
-def chosen_rank(S: torch.Tensor, shape: tuple[int, int], r: int | None, energy: float | None, where: str) -> int:
-    """A fixed rank (checked against the layer) or the smallest rank holding `energy` of ‖ΔW‖²_F."""
+def check_rank(r: int) -> None:
+    """Refuses a rank that is not a positive integer."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"rank must be a positive integer, got {r!r}")
+
+
+def check_rank_or_energy(r: int | None, energy: float | None) -> None:
+    """Exactly one of a positive integer rank or an energy fraction in (0, 1], checked before any work."""
     if (r is None) == (energy is None):
         raise ValueError("give exactly one of a rank or an energy fraction")
     if r is not None:
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"rank must be a positive integer, got {r!r}")
-        if r > min(shape):
-            raise ValueError(f"rank {r} is larger than {where} allows (at most {min(shape)})")
-        return r
-    if not 0 < energy <= 1:
+        check_rank(r)
+    elif not 0 < energy <= 1:
         raise ValueError(f"energy fraction must be in (0, 1], got {energy}")
+
+
+def chosen_rank(S: torch.Tensor | None, limit: int, r: int | None, energy: float | None, where: str) -> int:
+    """The rank for one layer (arguments already through `check_rank_or_energy`): `r`, refused above `limit`
+    (what `where` allows), or the smallest rank holding `energy` of ‖ΔW‖²_F by its singular values S."""
+    if r is not None:
+        if r > limit:
+            raise ValueError(f"rank {r} is larger than {where} allows (at most {limit})")
+        return r
     return max(1, lowrank.rank_for_energy_of_spectrum(S, energy))
 
 
@@ -249,8 +264,7 @@ class TensorSource:
         if self.path.is_dir():
             index = self.path / "model.safetensors.index.json"
             if index.is_file():
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                self.files = {key: self.path / name for key, name in weight_map.items()}
+                self.files = _shards(index)
             else:
                 files = sorted(self.path.glob("*.safetensors"))
                 if not files:
@@ -267,22 +281,33 @@ class TensorSource:
     def shape(self, key: str) -> tuple[int, ...]:
         if self.memory is not None:
             return tuple(self.memory[key].shape)
-        with safe_open(self.files[key], framework="pt") as f:
+        with open_safetensors(self.files[key]) as f:
             return tuple(f.get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
         if self.memory is not None:
             return self.memory[key]
-        with safe_open(self.files[key], framework="pt") as f:
+        with open_safetensors(self.files[key]) as f:
             return f.get_tensor(key)
 
 
 def _keys(path: Path) -> list[str]:
-    try:
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    with open_safetensors(path) as f:
+        return list(f.keys())
+
+
+def _shards(index: Path) -> dict[str, Path]:
+    """{tensor name: shard file} from a model.safetensors.index.json, with every shard it names opened and
+    checked to hold the tensors the index puts there (reading headers only)."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise ValueError(f'{index} has no "weight_map" object of tensor names to shard files')
+    files = {key: index.parent / name for key, name in weight_map.items()}
+    held = {shard: set(_keys(shard)) for shard in dict.fromkeys(files.values())}
+    for key, shard in files.items():
+        if key not in held[shard]:
+            raise ValueError(f"{index} puts {key!r} in {shard.name}, which does not hold it")
+    return files
 
 
 def module_kinds(model_dir: Path) -> dict[str, str]:
@@ -329,8 +354,10 @@ def extract(
     2-D weight that differs becomes a layer, with rank `r` or the smallest rank holding `energy` of
     ‖ΔW‖²_F; `targets` (names or a regex, as in LoraConfig) narrows the layers. `kinds` tells which
     modules are Embedding or transformers Conv1D (read from the model directory when there is one).
-    The report holds each layer's rank, relative Frobenius error and energy kept.
+    At a fixed rank, large layers use the randomized SVD (`lowrank.truncated_svd(method="auto")`).
+    The report holds each layer's rank, relative Frobenius error (measured) and energy kept.
     """
+    check_rank_or_energy(r, energy)
     if kinds is None:
         kinds = module_kinds(Path(base)) if isinstance(base, str | os.PathLike) else {}
     base_src, tuned_src = (x if isinstance(x, TensorSource) else TensorSource(x) for x in (base, tuned))
@@ -360,11 +387,11 @@ def extract(
         where = f"layer {path} ({shape[0]} × {shape[1]})"
         if energy is not None:  # the rank depends on the whole spectrum: one full SVD serves both
             U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-            k = chosen_rank(S, shape, r, energy, where)
+            k = chosen_rank(S, min(shape), r, energy, where)
             U, S, Vh = U[:, :k], S[:k], Vh[:k]
-        else:
-            k = chosen_rank(None, shape, r, energy, where)
-            U, S, Vh = lowrank.truncated_svd(delta, k)
+        else:  # randomized for big layers and small ranks: its error is measured and reported below
+            k = chosen_rank(None, min(shape), r, energy, where)
+            U, S, Vh = lowrank.truncated_svd(delta, k, method="auto")
         A, B = truncated_factors(U, S, Vh, k)
         error = float(torch.linalg.matrix_norm(delta - B @ A)) / max(float(torch.linalg.matrix_norm(delta)), 1e-300)
         total = float(delta.square().sum())
@@ -390,13 +417,16 @@ def resize(
     adapter: str | os.PathLike | AdapterState, r: int | None = None, energy: float | None = None
 ) -> AdapterState:
     """The best adapter of rank r (or of the rank holding `energy` of each layer's ‖ΔW‖²_F), per layer,
-    from the factors alone. Ranks above a layer's current rank are refused (they add nothing)."""
+    from the factors alone. Ranks above what a layer's ΔW can have, min(out, in, current rank), are refused
+    (they add nothing)."""
+    check_rank_or_energy(r, energy)
     state = _as_state(adapter)
     layers = state.layers()
     factors, report = {}, {"layers": {}}
     for layer in layers:
         U, S, Vh = factored_svd(layer.B, layer.A, layer.scale)
-        k = chosen_rank(S, (layer.rank, layer.rank), r, energy, f"layer {layer.path} (rank {layer.rank})")
+        where = f"layer {layer.path} ({layer.B.shape[0]} × {layer.A.shape[1]}, rank {layer.rank})"
+        k = chosen_rank(S, S.numel(), r, energy, where)
         A, B = truncated_factors(U, S, Vh, k)
         factors[layer.path] = (A.to(layer.A.dtype), B.to(layer.B.dtype))
         kept = energy_kept(S, k)
@@ -424,14 +454,18 @@ def combine(
     "linear": Σ √|wᵢsᵢ| Aᵢ and Σ ±√|wᵢsᵢ| Bᵢ, for equal ranks: cheap, but its cross terms make it inexact.
     The report gives each layer's relative Frobenius error against the exact sum.
     """
-    states = [_as_state(a) for a in adapters]
-    if len(states) < 2:
+    if len(adapters) < 2:
         raise ValueError("combine needs at least two adapters")
-    weights = [1.0] * len(states) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(states):
-        raise ValueError(f"got {len(weights)} weights for {len(states)} adapters")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
     if method not in ("svd", "cat", "linear"):
         raise ValueError(f"method must be 'svd', 'cat' or 'linear', got {method!r}")
+    if r is not None:
+        if method != "svd":
+            raise ValueError(f"a rank only applies to method 'svd', not {method!r}")
+        check_rank(r)
+    states = [_as_state(a) for a in adapters]
     per_adapter = [{layer.path: layer for layer in s.layers()} for s in states]
     paths = list(dict.fromkeys(path for layers in per_adapter for path in layers))
     out_layers, factors, report = [], {}, {"method": method, "weights": weights, "layers": {}}
@@ -483,14 +517,32 @@ def relative_difference(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2
 # -- looking inside ----------------------------------------------------------------------------------------
 
 
+def rounding_tolerance(layer: LayerFactors) -> float:
+    """How far rounding B and A to their stored dtype can have moved any singular value of ΔW = s·B·A:
+    |s| · eps · (‖B‖_F ‖A‖₂ + ‖B‖₂ ‖A‖_F), eps of that dtype (a bound, by Weyl, with a factor 2 to spare).
+
+    numpy's rule with that eps, σ_max · max(out, in) · eps, passes σ_max for bfloat16 once a side reaches 128
+    (every adapter would have rank 0); this grows with the factors' norms, not with the layer's size.
+    """
+    eps = max(torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0 for t in (layer.A, layer.B))
+    A, B = layer.A.double(), layer.B.double()
+    norm = torch.linalg.matrix_norm  # Frobenius by default, spectral with ord=2
+    return abs(layer.scale) * eps * float(norm(B) * norm(A, 2) + norm(B, 2) * norm(A))
+
+
 def inspect(adapter: str | os.PathLike | AdapterState) -> Iterator[dict[str, Any]]:
     """Per layer: r, α, scale, the singular values of ΔW (from the factors), numerical and effective rank,
-    and the energy curve."""
+    and the energy curve.
+
+    The numerical rank counts the singular values that stand above both the float64 round-off of computing
+    them (numpy's rule) and what storing the factors in their dtype may have added (`rounding_tolerance`).
+    """
     state = _as_state(adapter)
     config = config_from_peft(state.config)
     for layer in state.layers():
-        _, S, _ = factored_svd(layer.B, layer.A, layer.scale)
+        _, S, _ = factored_svd(layer.B, layer.A, layer.scale)  # in float64, whatever the factors' dtype
         shape = (layer.B.shape[0], layer.A.shape[1])
+        tol = max(lowrank.default_tolerance(S, shape), rounding_tolerance(layer))
         yield {
             "layer": layer.path,
             "shape": list(shape),
@@ -498,7 +550,7 @@ def inspect(adapter: str | os.PathLike | AdapterState) -> Iterator[dict[str, Any
             "alpha": config.alpha_for(layer.path),
             "scale": layer.scale,
             "singular_values": S.tolist(),
-            "rank": lowrank.rank_of_spectrum(S, shape, dtype=layer.A.dtype),  # round-off of the stored factors
+            "rank": lowrank.rank_of_spectrum(S, shape, tol),
             "effective_rank": lowrank.effective_rank_of_spectrum(S),
             "energy": lowrank.energy_of_spectrum(S).tolist(),
         }
@@ -517,9 +569,7 @@ def compare(
     for path in common:
         a, b = one[path], two[path]
         _check_same_shapes(path, [a, b])
-        phi = [
-            [lowrank.subspace_similarity(a.A, b.A, i, j) for j in range(1, b.rank + 1)] for i in range(1, a.rank + 1)
-        ]
+        phi = lowrank.subspace_similarities(a.A, b.A).tolist()  # one SVD per adapter gives every φ(i, j)
         inner = frobenius_inner(a.scale * a.B, a.A, b.scale * b.B, b.A)
         norms = math.sqrt(frobenius_inner(a.scale * a.B, a.A, a.scale * a.B, a.A)) * math.sqrt(
             frobenius_inner(b.scale * b.B, b.A, b.scale * b.B, b.A)

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from lorakit import lowrank
 from lorakit.console import make_console
+from lorakit.files import open_safetensors
 from lorakit.plots import spectrum_plot
 
 __all__ = ["add_parser", "matrix_stats", "read_matrices"]
@@ -67,10 +68,11 @@ def read_matrices(path: str | Path, key: str | None = None) -> dict[str, torch.T
     if suffix == ".safetensors":
         tensors = _read_safetensors(path, key)
     elif suffix == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as error:
-            raise ValueError(f"{path}: not a numeric .npy array ({error})") from None
+        with path.open("rb") as handle:  # the .npy format alone: never a pickle, nor an .npz archive
+            try:
+                array = np.lib.format.read_array(handle, allow_pickle=False)
+            except (ValueError, EOFError) as error:  # empty, truncated or not .npy at all
+                raise ValueError(f"{path} is not a readable .npy array: {error}") from None
         if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
             raise ValueError(f"{path}: expected a real numeric array, got dtype {array.dtype}")
         tensors = {path.name: torch.from_numpy(np.asarray(array, dtype=np.float64))}
@@ -110,19 +112,14 @@ def _is_float(cell: str) -> bool:
 
 
 def _read_safetensors(path: Path, key: str | None) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-            if key is not None:
-                if key not in keys:
-                    shown = ", ".join(keys[:10]) + (" …" if len(keys) > 10 else "")
-                    raise ValueError(f"{path}: no tensor named {key!r}; the file has: {shown}")
-                return {key: f.get_tensor(key)}
-            found = {k: f.get_tensor(k) for k in keys if len(f.get_slice(k).get_shape()) == 2}
-    except SafetensorError as error:
-        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    with open_safetensors(path) as f:
+        keys = list(f.keys())
+        if key is not None:
+            if key not in keys:
+                shown = ", ".join(keys[:10]) + (" …" if len(keys) > 10 else "")
+                raise ValueError(f"{path}: no tensor named {key!r}; the file has: {shown}")
+            return {key: f.get_tensor(key)}
+        found = {k: f.get_tensor(k) for k in keys if len(f.get_slice(k).get_shape()) == 2}
     if not found:
         raise ValueError(f"{path}: no 2-D tensor in the file (use --key to name one)")
     return found

@@ -100,13 +100,6 @@ def _rank_or_energy(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_rank_or_energy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.rank is not None and args.rank <= 0:
-        parser.error(f"--rank must be a positive integer, got {args.rank}")
-    if args.energy is not None and not 0 < args.energy <= 1:
-        parser.error(f"--energy must be in (0, 1], got {args.energy}")
-
-
 def _report_table(console: Console, title: str, layers: dict[str, dict], columns: list[tuple[str, str]]) -> None:
     table = Table(title=title, show_edge=False)
     table.add_column("layer")
@@ -125,8 +118,10 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+# The arguments are checked once, by the library: its ValueErrors reach the user as "lorakit: error: ...".
+
+
 def run_extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    _check_rank_or_energy(args, parser)
     targets = targets_from_text(args.targets)
     state = svd_tools.extract(args.base, args.tuned, r=args.rank, energy=args.energy, targets=targets)
     state.config["base_model_name_or_path"] = str(args.base)
@@ -144,7 +139,6 @@ def run_extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
 
 def run_resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    _check_rank_or_energy(args, parser)
     state = svd_tools.resize(args.adapter, r=args.rank, energy=args.energy)
     state.save(args.out)
     columns = [
@@ -159,12 +153,6 @@ def run_resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
 
 def run_combine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if len(args.adapters) < 2:
-        parser.error("combine needs at least two adapter directories")
-    if args.weights is not None and len(args.weights) != len(args.adapters):
-        parser.error(f"--weights needs one weight per adapter: got {len(args.weights)} for {len(args.adapters)}")
-    if args.rank is not None and (args.rank <= 0 or args.method != "svd"):
-        parser.error("--rank must be a positive integer, and only applies to --method svd")
     state = svd_tools.combine(args.adapters, args.weights, method=args.method, r=args.rank)
     state.save(args.out)
     console = make_console()
