@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,19 +110,23 @@ def npz_bytes(directory) -> bytes:
         (lambda d: ["rank", write(d, "bad.safetensors", b"not a safetensors file")], "not a readable safetensors"),
         (lambda d: ["rank", write(d, "m.json", "[]")], "unknown file type"),
         (lambda d: ["rank", write(d, "m.npy", np.eye(2)), "--energy", "1.5"], "--energy must be in"),
+        (lambda d: ["rank", write(d, "m.npy", np.eye(2)), "--top", "-1"], "--top must be >= 0"),
         (lambda d: ["rank"], "give a FILE"),
+        (lambda d: ["rank", "--example", write(d, "m.npy", np.eye(2))], "give a FILE or --example, not both"),
     ],
 )
 def test_bad_input_gets_one_error_line_and_exit_code_2(tmp_path, capsys, make_args, message):
-    assert message in cli_error(make_args(tmp_path), capsys)
+    lines = cli_error(make_args(tmp_path), capsys).strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
 
 
-def test_installed_command_exits_2_without_traceback(tmp_path):
+@pytest.mark.parametrize("entry", ["script", "module"])
+def test_installed_command_and_module_exit_2_without_traceback(tmp_path, entry):
     import subprocess
     import sys
 
-    result = subprocess.run(
-        [sys.executable, "-m", "lorakit", "rank", str(tmp_path / "missing.csv")], capture_output=True, text=True
-    )
+    # the console script pip installed next to this interpreter, and `python -m lorakit`
+    command = [str(Path(sys.executable).parent / "lorakit")] if entry == "script" else [sys.executable, "-m", "lorakit"]
+    result = subprocess.run([*command, "rank", str(tmp_path / "missing.csv")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"lorakit: error: no such file: {tmp_path / 'missing.csv'}"

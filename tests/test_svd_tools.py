@@ -15,7 +15,6 @@ import json
 import math
 import re
 import resource
-import time
 
 import numpy as np
 import pytest
@@ -361,11 +360,8 @@ def test_resize_never_forms_out_by_in_for_a_huge_layer():
     A, B = random_factors(n, n, r, seed=0)
     state = adapter({"huge": (A, B)}, alpha=16.0)
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    start = time.perf_counter()
-    resized = lk.resize(state, r=2)
-    elapsed = time.perf_counter() - start
+    resized = lk.resize(state, r=2)  # forming ΔW would fail outright: 160 GB on a 24 GB machine
     peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert elapsed < 10
     assert peak_after - peak_before < 1_000_000  # under 1 GB more at the peak
     A2 = resized.tensors[f"{PREFIX}huge.lora_A.weight"]
     B2 = resized.tensors[f"{PREFIX}huge.lora_B.weight"]

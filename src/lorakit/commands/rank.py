@@ -156,17 +156,15 @@ def _print_table(stats: dict[str, dict], console: Console) -> None:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not 0 < args.energy <= 1:
-        parser.error(f"--energy must be in (0, 1], got {args.energy}")
+        raise ValueError(f"--energy must be in (0, 1], got {args.energy}")
     if args.top < 0:
-        parser.error(f"--top must be >= 0, got {args.top}")
+        raise ValueError(f"--top must be >= 0, got {args.top}")
+    if bool(args.example) == bool(args.file):
+        raise ValueError("give a FILE or --example, not both" if args.file else "give a FILE, or --example")
     console = make_console()
     if args.example:
-        if args.file:
-            parser.error("--example takes no FILE")
         walk_through_examples(console)
         return
-    if not args.file:
-        parser.error("give a FILE, or --example")
     matrices = read_matrices(args.file, args.key)
     spectra = {name: lowrank.singular_values(M) for name, M in matrices.items()}  # one SVD per matrix serves all
     stats = {name: matrix_stats(S, tuple(matrices[name].shape), args.energy, args.top) for name, S in spectra.items()}
