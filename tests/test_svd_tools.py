@@ -214,7 +214,9 @@ def test_cli_extract_round_trips_an_embedding_weight_change(tmp_path, capsys):
     assert_loads_with_logits(tmp_path / "ad", build_tiny_llama, expected)
 
 
-def test_cli_extract_round_trips_gpt2_conv1d_and_position_embedding_changes(tmp_path, capsys):
+@pytest.mark.parametrize("base_as", ["directory", "file"])
+def test_cli_extract_round_trips_gpt2_conv1d_and_position_embedding_changes(tmp_path, capsys, base_as):
+    """Layer kinds come from whichever of BASE and TUNED is a model directory."""
     base = base_state(build_tiny_gpt2)
     planted = {
         "transformer.h.0.attn.c_attn.weight": 2,  # Conv1D, stored (in × out) = 32 × 96
@@ -225,9 +227,8 @@ def test_cli_extract_round_trips_gpt2_conv1d_and_position_embedding_changes(tmp_
     expected = logits(tuned_model(tuned, build_tiny_gpt2))
     tuned_model(base, build_tiny_gpt2).save_pretrained(tmp_path / "base")
     tuned_model(tuned, build_tiny_gpt2).save_pretrained(tmp_path / "tuned")
-    code, _, err = run_cli(
-        capsys, "extract", tmp_path / "base", tmp_path / "tuned", "--rank", "3", "--out", tmp_path / "ad"
-    )
+    base_path = tmp_path / "base" if base_as == "directory" else tmp_path / "base" / "model.safetensors"
+    code, _, err = run_cli(capsys, "extract", base_path, tmp_path / "tuned", "--rank", "3", "--out", tmp_path / "ad")
     assert code == 0, err
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True

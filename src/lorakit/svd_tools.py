@@ -353,13 +353,15 @@ def extract(
     `base` / `tuned`: state dicts, .safetensors files or model directories (sharded ones included). Every
     2-D weight that differs becomes a layer, with rank `r` or the smallest rank holding `energy` of
     ‖ΔW‖²_F; `targets` (names or a regex, as in LoraConfig) narrows the layers. `kinds` tells which
-    modules are Embedding or transformers Conv1D (read from the model directory when there is one).
+    modules are Embedding or transformers Conv1D (read from BASE's or TUNED's model directory, whichever is
+    one; without either, every weight is read as a Linear's, out × in).
     At a fixed rank, large layers use the randomized SVD (`lowrank.truncated_svd(method="auto")`).
     The report holds each layer's rank, relative Frobenius error (measured) and energy kept.
     """
     check_rank_or_energy(r, energy)
-    if kinds is None:
-        kinds = module_kinds(Path(base)) if isinstance(base, str | os.PathLike) else {}
+    if kinds is None:  # from whichever of the two is a model directory (BASE may be a bare .safetensors file)
+        paths = [Path(x) for x in (base, tuned) if isinstance(x, str | os.PathLike)]
+        kinds = next((found for found in map(module_kinds, paths) if found), {})
     base_src, tuned_src = (x if isinstance(x, TensorSource) else TensorSource(x) for x in (base, tuned))
     base_names = set(base_src.names())
     missing = [k for k in tuned_src.names() if k not in base_names]
