@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -13,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import SENTENCES, write_jsonl
 from safetensors.torch import load_file
 
 import lorakit as lk
 from lorakit.cli import main
-from lorakit.train import Trainer
+from lorakit.train import Trainer, keep_metrics_until, load_model_and_tokenizer, local_model_dir, read_metrics
 
 PYTHON = sys.executable
 
@@ -27,8 +28,12 @@ def finetune_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--no-progress", *extra]
 
 
+# --standalone: a rendezvous on a free port, so that torchrun tests in parallel workers never share one
+TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+
+
 def run_module(args: list[str], torchrun: int = 0, **kwargs) -> subprocess.CompletedProcess:
-    launcher = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)] if torchrun else [PYTHON]
+    launcher = [*TORCHRUN, str(torchrun)] if torchrun else [PYTHON]
     return subprocess.run([*launcher, "-m", "lorakit", *args], capture_output=True, text=True, **kwargs)
 
 
@@ -129,16 +134,53 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, 
         f"save_file(state, {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.safetensors')\n"
         "dist.destroy_process_group()\n"
     )
-    result = subprocess.run(
-        [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)], capture_output=True, text=True
-    )
+    result = subprocess.run([*TORCHRUN, "2", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     if fsdp:
         assert "FSDP2: frozen base sharded over 2 processes" in result.stdout + result.stderr
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert adapters_equal(single, tmp_path / "multi", atol=1e-5)
-    assert not adapters_equal(single, tmp_path / "multi")  # genuinely computed apart, not copied
+
+
+def test_fsdp_evaluation_over_an_uneven_split_finishes_with_the_metrics_of_one_process(tiny_llama, tmp_path):
+    # 17 eval examples over 2 processes with batch 8: rank 0 has 9 (two forward passes), rank 1 has 8 (one);
+    # every FSDP forward all-gathers, so rank 0's second pass must be matched or the processes deadlock
+    rng = random.Random(0)
+    rows = lambda n: [{"text": s, "label": s.split()[0]} for s in (rng.choice(SENTENCES) for _ in range(n))]  # noqa: E731
+    data, eval_data = write_jsonl(tmp_path / "train.jsonl", rows(32)), write_jsonl(tmp_path / "eval.jsonl", rows(17))
+    common = dict(model=str(tiny_llama), data=str(data), eval_data=str(eval_data), task="seq-cls", batch_size=8)
+    single = Trainer(lk.TrainConfig(**common, out=str(tmp_path / "single"), steps=1, progress=False)).evaluate()
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import json, torch.distributed as dist\n"
+        "import lorakit as lk\n"
+        "from lorakit.train import Trainer\n"
+        f"config = lk.TrainConfig(**{common!r}, out={str(tmp_path / 'multi')!r}, steps=1, fsdp=True, progress=False)\n"
+        "trainer = Trainer(config)\n"
+        "result = trainer.evaluate()\n"
+        f"open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.json', 'w').write(json.dumps(result))\n"
+        "dist.destroy_process_group()\n"
+    )
+    process = subprocess.Popen(
+        [*TORCHRUN, "2", str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # torchrun passes SIGTERM on to the ranks it started (each in its own session)
+        process.communicate()
+        pytest.fail("the processes deadlocked in evaluate()")
+    assert process.returncode == 0, output[-3000:]
+    assert "FSDP2: frozen base sharded over 2 processes" in output
+    for rank in (0, 1):
+        multi = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert multi.keys() == single.keys() == {"eval_loss", "eval_accuracy"}
+        assert multi["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
+        assert multi["eval_accuracy"] == single["eval_accuracy"]
 
 
 def test_finetune_runs_under_torchrun_from_the_command_line(tiny_llama, word_data, tmp_path):
@@ -193,6 +235,7 @@ def test_real_pretrained_minilm_learns_topics_from_chance_to_90_percent(tmp_path
         (lambda m, d, o: finetune_args(o.parent / "missing-model", d, o), "no model directory at"),
         (lambda m, d, o: finetune_args(m, d.parent / "missing.jsonl", o), "no data file at"),
         (lambda m, d, o: finetune_args(m, d, o, "--r", "0"), "--r must be a positive integer"),
+        (lambda m, d, o: finetune_args(m, d, o, "--max-length", "1"), "--max-length must be at least 2"),
         (lambda m, d, o: finetune_args(m, d, o, "--text-field", "body"), "line 1 has no field 'body'"),
         (lambda m, d, o: finetune_args(m, d, o, "--task", "seq-cls"), "line 1 has no field 'label'"),
         (lambda m, d, o: finetune_args(m, d, o, "--batch-size", "1000"), "make no full step"),
@@ -222,6 +265,80 @@ def test_malformed_or_empty_data_exits_2(tiny_llama, tmp_path, capsys, bad_data)
     err = capsys.readouterr().err
     assert "line 2 is not valid JSON" in err or "the dataset is empty" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_path_under_the_home_directory_is_expanded(tiny_llama, tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(tiny_llama, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model, _ = load_model_and_tokenizer("~/models/tiny", "causal-lm", None)
+    assert model.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("name", ["gpt2", "openai-community/gpt2", "org/model-v1.5_b"])
+def test_a_hub_id_is_looked_up_on_the_hub_not_refused_as_a_missing_directory(tmp_path, monkeypatch, name):
+    import transformers
+
+    def offline(source, *args, **kwargs):  # stands in for the hub: this test never touches the network
+        raise OSError(f"no network to fetch {source}")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    message = f"cannot load the model or tokenizer from {name}: no network to fetch {name}"
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        load_model_and_tokenizer(name, "causal-lm", None)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("gpt2", None),
+        ("owner/name", None),
+        ("./gpt2", Path("gpt2")),
+        ("/abs/model", Path("/abs/model")),
+        ("~/model", Path.home() / "model"),
+        ("a/b/c", Path("a/b/c")),
+        ("C:\\models\\x", Path("C:\\models\\x")),
+        ("here", Path("here")),  # a hub-like name that exists on disk is the local directory
+    ],
+)
+def test_local_model_dir_tells_local_paths_from_hub_ids(tmp_path, monkeypatch, name, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    assert local_model_dir(name) == expected
+
+
+def metrics_text(*records: dict) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def test_read_metrics_drops_a_torn_last_line_and_refuses_a_bad_line_before_it(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(metrics_text({"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}) + '{"step": 3, "lo')
+    assert read_metrics(log) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    keep_metrics_until(log, 1)
+    assert log.read_text() == metrics_text({"step": 1, "loss": 2.0})
+    log.write_text('{"step": 1, "lo\n' + metrics_text({"step": 2, "loss": 1.5}))
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 1 is not valid JSON"):
+        read_metrics(log)
+
+
+@pytest.mark.parametrize("checkpoint", [True, False], ids=["from-a-checkpoint", "no-checkpoint-yet"])
+def test_resume_after_a_kill_mid_log_line_continues_the_log(tiny_llama, word_data, tmp_path, capsys, checkpoint):
+    out = tmp_path / "run"
+    args = finetune_args(tiny_llama, word_data, out, "--steps", "2", "--batch-size", "8", "--save-every", "1")
+    if checkpoint:
+        assert main(args) == 0
+    else:
+        out.mkdir()
+        (out / "metrics.jsonl").write_text(metrics_text({"step": 1, "loss": 99.0}))
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "lo')  # the line a kill interrupted
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["loss"] < 99 for r in records)  # a run from step 0 starts its log afresh
+    assert (out / "metrics.jsonl").read_text().endswith("}\n")
 
 
 def test_checkpoint_of_another_rank_is_refused_and_the_adapter_left_as_it_was(tmp_path):

@@ -1,40 +1,79 @@
 """Atomic writes: a file or a directory appears complete at its final path, or not at all.
 
-Everything lorakit writes goes to a temporary sibling first and is renamed into place, so a crash
-mid-write never leaves a half-written file where a good one stood.
+Everything lorakit writes goes to a temporary sibling first, is flushed to disk (fsync) and renamed into
+place, and the rename is flushed too, so neither a crash mid-write nor a power loss after a completed
+write leaves a half-written file where a good one stood.
+
+The temporary siblings are created with os.open / os.mkdir and the permissions a plain open() / mkdir()
+would ask for (0666 / 0777), so the kernel applies the process umask itself: lorakit never reads or
+changes the umask, which is process-wide state other threads may rely on.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["atomic_dir", "atomic_file", "write_text_atomic"]
 
 
-def _chmod_default(path: Path, mode: int) -> None:
-    """Gives `path` the permissions a plain open()/mkdir() would: `mode` less the process umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
+def _sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
+    """A new hidden entry `.NAME.RANDOM<suffix>` beside `path`, made by `create` (which must fail if it exists)."""
+    while True:
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            create(candidate)
+        except FileExistsError:  # a 48-bit name taken: as good as never, but never overwrite
+            continue
+        return candidate
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _new_dir(path: Path) -> None:
+    os.mkdir(path, 0o777)
+
+
+def _fsync(path: Path) -> None:
+    """Flushes the contents of file `path` to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flushes directory `path` (its entries: creations and renames) to disk, where the system allows it."""
+    if os.name == "posix":  # Windows cannot open a directory; its renames are durable once they return
+        _fsync(path)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flushes every file and directory under `root` (and `root` itself) to disk."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(directory) / name)
+        _fsync_dir(Path(directory))
 
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path beside `path`; on a clean exit it is renamed onto `path`."""
+    """Yields a temporary path beside `path`; on a clean exit it is flushed to disk and renamed onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
-    _chmod_default(tmp, 0o666)  # mkstemp makes it private (0600)
+    tmp = _sibling(path, ".tmp", _new_file)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -48,37 +87,51 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yields an empty temporary directory beside `path`; on a clean exit it replaces `path`.
 
-    Entries of an existing `path` that the new directory does not have (say, checkpoints beside an
-    adapter) are moved into it first, one rename each, so nothing else in the folder is lost. The old
-    directory is then renamed aside and the new one renamed in: at every instant `path` holds the old
-    complete files or the new complete ones, never a half-written mix.
+    What was written into the temporary directory is flushed to disk first. Entries of an existing
+    `path` that the new directory does not have (say, checkpoints beside an adapter) are then moved into
+    it, one rename each, so nothing else in the folder is lost; the old directory is renamed aside and the
+    new one renamed in. Every file at `path` is therefore always a complete old one or a complete new one,
+    never half-written, but during the swap an entry can be missing: the moved entries for the moment of
+    their move, and `path` itself between the two final renames. If any step of the swap fails, `path`
+    is put back as it was, other entries included, before the error propagates.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    _chmod_default(tmp, 0o777)  # mkdtemp makes it private (0700); a saved adapter is an ordinary folder
+    tmp = _sibling(path, ".tmp", _new_dir)
     try:
         yield tmp
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not path.exists():
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
         return
-    moved = []
+    moved: list[str] = []
+    aside: Path | None = None
     try:
         for entry in path.iterdir():
             if not (tmp / entry.name).exists():
                 os.replace(entry, tmp / entry.name)
                 moved.append(entry.name)
-        aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+        aside = _sibling(path, ".old", _new_dir)
         os.replace(path, aside / "previous")
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(aside / "previous", path)  # the old directory back first, then its other entries
+            raise
     except BaseException:
-        for name in moved:  # put the other entries back where they were
+        # put the other entries back; should a step of this fail, it raises before anything is deleted
+        for name in moved:
             os.replace(tmp / name, path / name)
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None:
+            aside.rmdir()  # empty again once the old directory is back
         raise
+    _fsync_dir(path)  # the moved entries
+    _fsync_dir(path.parent)
     shutil.rmtree(aside, ignore_errors=True)

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.atomic import atomic_dir
-from lorakit.files import WEIGHTS_NAME, check_adapter_tensors, write_adapter
+from lorakit.files import WEIGHTS_NAME, check_adapter_tensors, open_safetensors, read_json_object, write_adapter
 from lorakit.model import adapter_parameters
 
 __all__ = ["checkpoint_dirs", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -89,30 +89,88 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Restores adapter weights, optimizer, scheduler and RNG states from `path`; returns its JSON state."""
-    state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-    tensors = load_file(path / TENSORS_NAME)
-    weights = load_file(path / WEIGHTS_NAME)
+    """Restores adapter weights, optimizer, scheduler and RNG states from `path`; returns its JSON state.
+
+    Every file is read and checked before anything is restored: a damaged checkpoint, or one of another
+    run, is one ValueError naming the file, and leaves the model, optimizer, scheduler and RNGs as they were.
+    """
+    path = Path(path)
+    state = read_json_object(path / STATE_NAME)
+    tensors = _read_tensors(path / TENSORS_NAME)
+    weights = _read_tensors(path / WEIGHTS_NAME)
     params = adapter_parameters(model)
     try:
         check_adapter_tensors(weights, params, path / WEIGHTS_NAME)
     except ValueError as error:
         raise ValueError(f"checkpoint {path} does not fit this run (other --r, targets or task?): {error}") from None
+    try:
+        if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 0:
+            raise ValueError(f"step {state['step']!r} is not a step count")
+        optimizer_state = _optimizer_state(state, tensors, optimizer)
+        scheduler_state = state["scheduler"]
+        if not isinstance(scheduler_state, dict):
+            raise ValueError("'scheduler' is not a JSON object")
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise ValueError(f"{path / STATE_NAME} is not a usable checkpoint state: {_describe(error)}") from None
+    try:
+        cpu_rng, cuda_rngs = _rng_states(tensors)
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{path / TENSORS_NAME} holds no usable RNG states: {_describe(error)}") from None
+    # everything is read and checked: restore
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(weights[key])
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    torch.set_rng_state(cpu_rng)
+    if torch.cuda.is_available() and len(cuda_rngs) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rngs)
+    return state
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    with open_safetensors(file) as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (the handle is no dict: not iterable)
+
+
+def _describe(error: Exception) -> str:
+    return f"no {error}" if isinstance(error, KeyError) else str(error)
+
+
+def _optimizer_state(
+    state: dict[str, Any], tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """The optimizer state dict saved in (state, tensors), refused unless it fits `optimizer`'s parameters."""
+    groups = state["param_groups"]
+    saved_sizes = [len(group["params"]) for group in groups]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if saved_sizes != sizes:
+        raise ValueError(f"parameter groups of sizes {saved_sizes}, this run's optimizer has {sizes}")
+    params = dict(
+        zip(
+            [index for group in groups for index in group["params"]],
+            [p for group in optimizer.param_groups for p in group["params"]],
+            strict=True,
+        )
+    )
     per_param: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
+            p = params.get(int(index))
+            if p is None or (value.dim() > 0 and value.shape != p.shape):
+                raise ValueError(f"{key} (shape {tuple(value.shape)}) fits no parameter of this run's optimizer")
             per_param.setdefault(int(index), {})[name] = value
     for index, values in state["optimizer_scalars"].items():
         per_param.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available():
-        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-    return state
+    return {"state": per_param, "param_groups": groups}
+
+
+def _rng_states(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The CPU generator's state and the CUDA generators' states, in device order."""
+    cpu = tensors["rng.torch"]
+    if cpu.dtype != torch.uint8 or cpu.shape != torch.get_rng_state().shape:
+        raise ValueError(f"rng.torch is a {cpu.dtype} tensor of shape {tuple(cpu.shape)}, not a CPU generator state")
+    prefix = "rng.cuda."
+    cuda = {int(key[len(prefix) :]): value for key, value in tensors.items() if key.startswith(prefix)}
+    return cpu, [cuda[i] for i in sorted(cuda)]  # numerically: device 10 after device 2

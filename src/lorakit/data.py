@@ -105,11 +105,10 @@ class Example:
 
 
 class TextDataset:
-    """Tokenized examples of one task. For seq-cls, `labels` maps each label value to its class id."""
+    """Tokenized examples of one task, each truncated to `max_length` tokens (at least 2: TrainConfig checks it).
+    For seq-cls, `labels` maps each label value to its class id."""
 
     def __init__(self, records: list[dict], tokenizer: Any, task: Task, max_length: int, labels: list | None = None):
-        if max_length < 2:
-            raise ValueError(f"--max-length must be at least 2, got {max_length}")
         self.task = task
         if task == "seq-cls":
             self.labels = labels if labels is not None else label_values(records)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import matplotlib
 
@@ -17,6 +15,7 @@ from matplotlib.ticker import MaxNLocator
 
 from lorakit import lowrank
 from lorakit.atomic import atomic_file
+from lorakit.train import read_metrics
 
 __all__ = [
     "error_bars_plot",
@@ -30,9 +29,11 @@ __all__ = [
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
     """Writes `fig` as a PNG at `path` (atomically) and closes it."""
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def spectrum_plot(
@@ -92,8 +93,7 @@ def loss_plot(curves: Mapping[str, Sequence[float]], path: str | os.PathLike) ->
 
 def training_plot(metrics_jsonl: str | os.PathLike, path: str | os.PathLike) -> None:
     """Training loss per step from a metrics.jsonl log, with eval loss where there is one."""
-    lines = Path(metrics_jsonl).read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = read_metrics(metrics_jsonl)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -45,6 +46,7 @@ from lorakit.model import adapter_parameters, inject, parameter_counts
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
 TASKS = ("causal-lm", "seq-cls")
+METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass
@@ -152,26 +154,42 @@ def start_processes() -> Processes:
 # -- model and data --------------------------------------------------------------------------------------
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")  # "gpt2", "owner/name"
+
+
+def local_model_dir(name: str) -> Path | None:
+    """The local directory `name` stands for, or None where it stands for a model on the Hugging Face hub.
+
+    A name that exists on disk, starts with ".", "/" or "~" (the home directory), or cannot be a hub id
+    ("name" or "owner/name" of letters, digits, "_", "-" and ".") is a local path; any other is a hub id.
+    Nothing here touches the network.
+    """
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name):
+        return path
+    return None
+
+
 def load_model_and_tokenizer(path: str, task: str, num_labels: int | None) -> tuple[nn.Module, Any]:
     """A transformers model and its tokenizer from a local directory (or a hub name, where there is network)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    local = Path(path)
-    looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
-    if looks_local and not local.is_dir():
+    local = local_model_dir(path)
+    if local is not None and not local.is_dir():
         raise FileNotFoundError(f"no model directory at {path}")
-    if looks_local and not (local / "config.json").is_file():
+    if local is not None and not (local / "config.json").is_file():
         raise ValueError(f"{path} is not a transformers model directory (no config.json)")
+    source = path if local is None else str(local)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here: LoRA trains it
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(source)
         if task == "seq-cls":
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(source)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"cannot load the model or tokenizer from {path}: {str(error).splitlines()[0]}") from None
     finally:
@@ -283,8 +301,6 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.start_step = state["step"]
         self.say(f"resumed from {path} (step {self.start_step} of {self.total_steps})")
-        if self.procs.main:
-            keep_metrics_until(self.out / "metrics.jsonl", self.start_step)
 
     def _distribute(self) -> nn.Module:
         """The module the loop calls: the model itself, DDP around it, or FSDP2 shards of its frozen base."""
@@ -357,14 +373,21 @@ class Trainer:
         if self.eval_set is None:
             return {}
         self.trained.eval()
-        n = len(self.eval_set)
+        n, size = len(self.eval_set), self.config.batch_size
         mine = list(range(self.procs.rank, n, self.procs.world))
+        # Every process runs as many forward passes as the one with the most examples (rank 0): under FSDP
+        # each forward all-gathers the shards, so a process that stopped early would leave the others waiting.
+        # A process out of examples runs a stand-in batch (the first example) and drops its result.
+        passes = math.ceil(math.ceil(n / self.procs.world) / size)
         summed = count = correct = 0.0
         pad = self.tokenizer.pad_token_id
-        for start in range(0, len(mine), self.config.batch_size):
-            examples = [self.eval_set.examples[i] for i in mine[start : start + self.config.batch_size]]
+        for start in range(0, passes * size, size):
+            indices = mine[start : start + size]
+            examples = [self.eval_set.examples[i] for i in indices or [0]]
             batch = {k: v.to(self.procs.device) for k, v in collate(examples, pad, self.config.task).items()}
             logits = logits_of(self.trained, batch)  # one forward pass serves the loss and the accuracy
+            if not indices:
+                continue
             summed += float(loss_sum(logits, batch, self.config.task))
             count += loss_count(examples, self.config.task)
             if self.config.task == "seq-cls":
@@ -378,7 +401,8 @@ class Trainer:
     def log(self, record: dict[str, Any]) -> None:
         if self.procs.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            # appended, not rewritten atomically: a line torn by a kill is dropped by read_metrics
+            with (self.out / METRICS_NAME).open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint(self, step: int) -> None:
@@ -406,6 +430,8 @@ class Trainer:
         self.say(f"LoRA r={config.r}, α={config.alpha:g}: {trainable:,} trainable of {total:,} parameters")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         loss = None
+        if self.procs.main:
+            keep_metrics_until(self.out / METRICS_NAME, self.start_step)
         if self.start_step == 0 and self.eval_set is not None:
             self.log({"step": 0, **self.evaluate()})
         with Progress(*columns, console=self.console, disable=not (config.progress and self.procs.main)) as bar:
@@ -440,7 +466,7 @@ class Trainer:
                 write_text_atomic(self.out / "labels.json", json.dumps(self.train_set.labels) + "\n")
             from lorakit.plots import training_plot  # matplotlib only where a plot is drawn
 
-            training_plot(self.out / "metrics.jsonl", self.out / "loss.png")
+            training_plot(self.out / METRICS_NAME, self.out / "loss.png")
             self.say(f"adapter saved in {self.out}/ (loss plot: {self.out / 'loss.png'})")
         if self.procs.world > 1:
             dist.barrier()
@@ -456,12 +482,33 @@ def linear_schedule(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl log, one JSON object a line.
+
+    A last line that is not valid JSON is dropped: it is the one a run killed mid-write left torn. Any
+    other bad line is a ValueError naming the file and the line.
+    """
+    lines = [(n, line) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    records = []
+    for k, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if k == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
 def keep_metrics_until(path: Path, step: int) -> None:
-    """On resume: drop the log lines of steps after the checkpoint (the interrupted run's tail)."""
+    """Where a run starts: keep the log lines up to the checkpoint it resumes from (none when it starts from
+    step 0), dropping the interrupted or earlier run's tail and any torn last line."""
     if path.is_file():
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        kept = [record for record in read_metrics(path) if record.get("step", 0) <= step] if step else []
+        write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:

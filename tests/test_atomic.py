@@ -1,0 +1,104 @@
+"""Atomic writes (lorakit.atomic): a failed swap restores the old directory, completed writes are flushed to
+disk, and the process umask is never touched."""
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from lorakit.atomic import atomic_dir, atomic_file, write_text_atomic
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_a_failed_final_rename_puts_the_old_directory_back_with_its_other_entries(tmp_path, monkeypatch):
+    directory = tmp_path / "adapter"
+    directory.mkdir()
+    (directory / "weights").write_bytes(b"old weights")
+    (directory / "checkpoints").mkdir()
+    (directory / "checkpoints" / "step-1").write_bytes(b"checkpoint")
+    before = tree(directory)
+    replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(dst) == directory and Path(src).name.endswith(".tmp"):  # the new directory's rename into place
+            raise OSError("rename failed")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="rename failed"), atomic_dir(directory) as tmp:
+        (tmp / "weights").write_bytes(b"new weights")
+    assert tree(directory) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary or set-aside directory left
+
+
+def test_atomic_dir_replaces_the_written_entries_and_keeps_the_others(tmp_path):
+    directory = tmp_path / "adapter"
+    directory.mkdir()
+    (directory / "weights").write_bytes(b"old weights")
+    (directory / "notes").write_bytes(b"notes")
+    with atomic_dir(directory) as tmp:
+        (tmp / "weights").write_bytes(b"new weights")
+    assert tree(directory) == {"notes": b"notes", "weights": b"new weights"}
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def record_fsyncs_and_renames(monkeypatch) -> list[tuple]:
+    """Patches os.fsync and os.replace to log ("fsync", path) and ("replace", src, dst), in order."""
+    events: list[tuple] = []
+    fsync, replace = os.fsync, os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    def logged_replace(src, dst):
+        events.append(("replace", Path(src), Path(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    return events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc (Linux)")
+def test_atomic_file_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = record_fsyncs_and_renames(monkeypatch)
+    with atomic_file(tmp_path / "f.json") as tmp:
+        tmp.write_text("{}")
+    assert events == [("fsync", tmp), ("replace", tmp, tmp_path / "f.json"), ("fsync", tmp_path)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc (Linux)")
+def test_atomic_dir_flushes_every_written_file_before_the_swap_and_the_folders_after(tmp_path, monkeypatch):
+    directory = tmp_path / "adapter"
+    directory.mkdir()
+    (directory / "notes").write_text("kept")
+    events = record_fsyncs_and_renames(monkeypatch)
+    with atomic_dir(directory) as tmp:
+        (tmp / "a").write_text("a")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b").write_text("b")
+    first_rename = next(i for i, e in enumerate(events) if e[0] == "replace")
+    assert {e[1] for e in events[:first_rename]} == {tmp / "a", tmp / "sub" / "b", tmp / "sub", tmp}
+    assert events[-3][0] == "replace" and events[-3][1:] == (tmp, directory)
+    assert events[-2:] == [("fsync", directory), ("fsync", tmp_path)]
+
+
+def test_temporary_files_get_the_permissions_of_a_plain_open_without_touching_the_umask(tmp_path, monkeypatch):
+    (tmp_path / "plain.txt").write_text("x")
+    (tmp_path / "plain").mkdir()
+
+    def no_umask(mask):
+        raise AssertionError("os.umask changes process-wide state: never call it")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    write_text_atomic(tmp_path / "atomic.txt", "x")
+    with atomic_dir(tmp_path / "atomic") as tmp:
+        (tmp / "f").write_text("x")
+    mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)  # noqa: E731
+    assert mode("atomic.txt") == mode("plain.txt")
+    assert mode("atomic") == mode("plain")

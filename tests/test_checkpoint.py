@@ -1,0 +1,120 @@
+"""Training checkpoints (lorakit.checkpoint): a round trip restores everything, a damaged checkpoint is one
+ValueError naming its file and leaves the run as it was, and CUDA RNG states come back in device order."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lorakit as lk
+from lorakit.checkpoint import STATE_NAME, TENSORS_NAME, load_checkpoint, save_checkpoint
+from lorakit.files import WEIGHTS_NAME
+
+
+def run_state(seed: int):
+    """A small adapted model, its AdamW after one step, and a scheduler: what a checkpoint holds."""
+    torch.manual_seed(seed)
+    model = lk.inject(nn.Sequential(nn.Linear(6, 4)), lk.LoraConfig(r=2, target_modules=["0"], init=False))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+    model(torch.randn(3, 6)).square().sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return model, optimizer, scheduler
+
+
+def snapshot(model, optimizer, scheduler) -> dict:
+    """Everything a checkpoint load could change, as tensors keyed by name and JSON (tuples become lists)."""
+    optimizer_state = optimizer.state_dict()
+    tensors = {f"weight.{k}": v for k, v in lk.lora_state_dict(model).items()}
+    tensors.update({f"optimizer.{i}.{k}": v for i, s in optimizer_state["state"].items() for k, v in s.items()})
+    tensors["rng"] = torch.get_rng_state()
+    plain = json.dumps([optimizer_state["param_groups"], scheduler.state_dict()], sort_keys=True)
+    return {"tensors": {k: v.clone() for k, v in tensors.items()}, "json": plain}
+
+
+def same(a: dict, b: dict) -> bool:
+    return (
+        a["json"] == b["json"]
+        and a["tensors"].keys() == b["tensors"].keys()
+        and all(torch.equal(a["tensors"][k], b["tensors"][k]) for k in a["tensors"])
+    )
+
+
+def test_a_loaded_checkpoint_restores_weights_optimizer_scheduler_and_rng(tmp_path):
+    saved_run = run_state(seed=1)
+    saved = save_checkpoint(tmp_path, 3, *saved_run, {"total_steps": 9}, keep=1)
+    expected = snapshot(*saved_run)
+    run = run_state(seed=2)
+    torch.manual_seed(123)  # move the RNG away from the saved state
+    state = load_checkpoint(saved, *run)
+    assert state["step"] == 3 and state["total_steps"] == 9
+    assert same(snapshot(*run), expected)
+
+
+def rewrite_json(path, change):
+    state = json.loads(path.read_text())
+    change(state)
+    path.write_text(json.dumps(state))
+
+
+def rewrite_tensors(path, change):
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+
+
+DAMAGE = {
+    "truncated optimizer tensors": (
+        lambda c: (c / TENSORS_NAME).write_bytes((c / TENSORS_NAME).read_bytes()[:100]),
+        rf"{TENSORS_NAME} is not a readable safetensors file",
+    ),
+    "truncated adapter weights": (
+        lambda c: (c / WEIGHTS_NAME).write_bytes((c / WEIGHTS_NAME).read_bytes()[:50]),
+        rf"{WEIGHTS_NAME} is not a readable safetensors file",
+    ),
+    "state not JSON": (lambda c: (c / STATE_NAME).write_text("{"), rf"{STATE_NAME} is not valid JSON"),
+    "no scheduler state": (
+        lambda c: rewrite_json(c / STATE_NAME, lambda s: s.pop("scheduler")),
+        rf"{STATE_NAME} is not a usable checkpoint state: no 'scheduler'",
+    ),
+    "other optimizer groups": (
+        lambda c: rewrite_json(c / STATE_NAME, lambda s: s["param_groups"].append(s["param_groups"][0])),
+        rf"{STATE_NAME} is not a usable checkpoint state: parameter groups of sizes",
+    ),
+    "misshapen optimizer state": (
+        lambda c: rewrite_tensors(c / TENSORS_NAME, lambda t: t.update({"optimizer.0.exp_avg": torch.zeros(5)})),
+        r"optimizer.0.exp_avg \(shape \(5,\)\) fits no parameter",
+    ),
+    "no CPU RNG state": (
+        lambda c: rewrite_tensors(c / TENSORS_NAME, lambda t: t.pop("rng.torch")),
+        rf"{TENSORS_NAME} holds no usable RNG states: no 'rng.torch'",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage, message", DAMAGE.values(), ids=DAMAGE.keys())
+def test_a_damaged_checkpoint_is_one_value_error_naming_the_file_and_changes_nothing(tmp_path, damage, message):
+    saved = save_checkpoint(tmp_path, 3, *run_state(seed=1), {}, keep=1)
+    damage(saved)
+    run = run_state(seed=2)
+    before = snapshot(*run)
+    with pytest.raises(ValueError, match=message) as error:
+        load_checkpoint(saved, *run)
+    assert str(saved) in str(error.value)
+    assert same(snapshot(*run), before)
+
+
+def test_cuda_rng_states_are_restored_in_device_order_past_ten_devices(tmp_path, monkeypatch):
+    devices = 12
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(devices)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    saved = save_checkpoint(tmp_path, 1, *run_state(seed=1), {}, keep=1)
+    load_checkpoint(saved, *run_state(seed=1))
+    assert [int(state[0]) for state in restored] == list(range(devices))  # device 10 after 9, not after 1

@@ -1,0 +1,31 @@
+"""PNG plots (lorakit.plots): figures are closed even when saving fails, and the training plot reads a
+metrics log whose last line a kill left torn."""
+
+import json
+
+import matplotlib.pyplot as plt
+import pytest
+
+from lorakit.plots import save_figure, training_plot
+
+
+def test_a_figure_whose_save_fails_is_closed_and_leaves_no_file(tmp_path):
+    plt.close("all")
+    fig, _ = plt.subplots()
+
+    def failing_savefig(*args, **kwargs):
+        raise OSError("disk full")
+
+    fig.savefig = failing_savefig
+    with pytest.raises(OSError, match="disk full"):
+        save_figure(fig, tmp_path / "plot.png")
+    assert plt.get_fignums() == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_plot_drops_a_torn_last_line(tmp_path):
+    records = [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 3, "lo')
+    training_plot(log, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
