@@ -1,5 +1,5 @@
-"""Atomic writes (lorakit.atomic): a failed swap restores the old directory, completed writes are flushed to
-disk, and the process umask is never touched."""
+"""Atomic writes (lorakit.atomic): entries of a directory that a write does not touch are never moved, a failed
+rename leaves the old entry, completed writes are flushed to disk, and the process umask is never touched."""
 
 import os
 import stat
@@ -14,7 +14,7 @@ def tree(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
-def test_a_failed_final_rename_puts_the_old_directory_back_with_its_other_entries(tmp_path, monkeypatch):
+def test_a_failed_rename_leaves_the_old_entry_and_never_moves_the_others(tmp_path, monkeypatch):
     directory = tmp_path / "adapter"
     directory.mkdir()
     (directory / "weights").write_bytes(b"old weights")
@@ -22,9 +22,11 @@ def test_a_failed_final_rename_puts_the_old_directory_back_with_its_other_entrie
     (directory / "checkpoints" / "step-1").write_bytes(b"checkpoint")
     before = tree(directory)
     replace = os.replace
+    renames = []
 
     def failing_replace(src, dst):
-        if Path(dst) == directory and Path(src).name.endswith(".tmp"):  # the new directory's rename into place
+        renames.append((Path(src).name, Path(dst)))
+        if Path(dst) == directory / "weights":
             raise OSError("rename failed")
         replace(src, dst)
 
@@ -32,7 +34,19 @@ def test_a_failed_final_rename_puts_the_old_directory_back_with_its_other_entrie
     with pytest.raises(OSError, match="rename failed"), atomic_dir(directory) as tmp:
         (tmp / "weights").write_bytes(b"new weights")
     assert tree(directory) == before
-    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary or set-aside directory left
+    assert all(dst.parent == directory and dst.name == "weights" for _, dst in renames)  # checkpoints never moved
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary directory left
+
+
+def test_a_written_directory_replaces_its_namesake_whole(tmp_path):
+    directory = tmp_path / "adapter"
+    (directory / "sub").mkdir(parents=True)
+    (directory / "sub" / "old").write_bytes(b"old")
+    with atomic_dir(directory) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "new").write_bytes(b"new")
+    assert tree(directory) == {"sub": None, "sub/new": b"new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
 def test_atomic_dir_replaces_the_written_entries_and_keeps_the_others(tmp_path):
@@ -84,8 +98,11 @@ def test_atomic_dir_flushes_every_written_file_before_the_swap_and_the_folders_a
         (tmp / "sub" / "b").write_text("b")
     first_rename = next(i for i, e in enumerate(events) if e[0] == "replace")
     assert {e[1] for e in events[:first_rename]} == {tmp / "a", tmp / "sub" / "b", tmp / "sub", tmp}
-    assert events[-3][0] == "replace" and events[-3][1:] == (tmp, directory)
-    assert events[-2:] == [("fsync", directory), ("fsync", tmp_path)]
+    assert events[first_rename:] == [
+        ("replace", tmp / "a", directory / "a"),
+        ("replace", tmp / "sub", directory / "sub"),
+        ("fsync", directory),
+    ]
 
 
 def test_temporary_files_get_the_permissions_of_a_plain_open_without_touching_the_umask(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Atomic writes: a file or a directory appears complete at its final path, or not at all.
+"""Atomic writes: a file appears complete at its final path or not at all; so does a new directory, and each
+entry written into an existing one.
 
 Everything lorakit writes goes to a temporary sibling first, is flushed to disk (fsync) and renamed into
 place, and the rename is flushed too, so neither a crash mid-write nor a power loss after a completed
@@ -85,15 +86,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields an empty temporary directory beside `path`; on a clean exit it replaces `path`.
+    """Yields an empty temporary directory beside `path`; on a clean exit what was written there is in `path`.
 
-    What was written into the temporary directory is flushed to disk first. Entries of an existing
-    `path` that the new directory does not have (say, checkpoints beside an adapter) are then moved into
-    it, one rename each, so nothing else in the folder is lost; the old directory is renamed aside and the
-    new one renamed in. Every file at `path` is therefore always a complete old one or a complete new one,
-    never half-written, but during the swap an entry can be missing: the moved entries for the moment of
-    their move, and `path` itself between the two final renames. If any step of the swap fails, `path`
-    is put back as it was, other entries included, before the error propagates.
+    Everything written is flushed to disk first. A `path` that does not exist yet is the temporary directory
+    renamed into place: complete or absent. Into an existing `path`, each written entry is renamed over its
+    namesake, one atomic rename each, and the directory's other entries (the checkpoints and log of a
+    training run beside its adapter, say) are never moved. Every file is therefore always a complete old
+    one or a complete new one; a crash between the renames can leave some entries new and the others old
+    (a loader then refuses the mismatched pair), but never hides an entry the write did not touch.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -103,35 +103,29 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not path.exists():
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        return
-    moved: list[str] = []
-    aside: Path | None = None
-    try:
-        for entry in path.iterdir():
-            if not (tmp / entry.name).exists():
-                os.replace(entry, tmp / entry.name)
-                moved.append(entry.name)
-        aside = _sibling(path, ".old", _new_dir)
-        os.replace(path, aside / "previous")
-        try:
+        if not path.exists():
             os.replace(tmp, path)
-        except BaseException:
-            os.replace(aside / "previous", path)  # the old directory back first, then its other entries
-            raise
-    except BaseException:
-        # put the other entries back; should a step of this fail, it raises before anything is deleted
-        for name in moved:
-            os.replace(tmp / name, path / name)
+            _fsync_dir(path.parent)
+            return
+        for entry in sorted(tmp.iterdir()):
+            _replace_entry(entry, path / entry.name)
+        _fsync_dir(path)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if aside is not None:
-            aside.rmdir()  # empty again once the old directory is back
+
+
+def _replace_entry(new: Path, target: Path) -> None:
+    """Renames `new` onto `target`; a directory over an existing one goes through an aside rename, since
+    a rename cannot replace a directory that holds anything."""
+    if not (new.is_dir() and target.is_dir()):
+        os.replace(new, target)
+        return
+    aside = _sibling(target, ".old", _new_dir)
+    os.replace(target, aside / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside / target.name, target)
+        aside.rmdir()
         raise
-    _fsync_dir(path)  # the moved entries
-    _fsync_dir(path.parent)
     shutil.rmtree(aside, ignore_errors=True)
