@@ -19,7 +19,14 @@ from safetensors.torch import load_file
 
 import lorakit as lk
 from lorakit.cli import main
-from lorakit.train import Trainer, keep_metrics_until, load_model_and_tokenizer, local_model_dir, read_metrics
+from lorakit.train import (
+    Trainer,
+    keep_metrics_until,
+    linear_schedule,
+    load_model_and_tokenizer,
+    local_model_dir,
+    read_metrics,
+)
 
 PYTHON = sys.executable
 
@@ -85,6 +92,17 @@ def test_optimizer_is_fused_adamw(tiny_llama, word_data, tmp_path):
     optimizer = Trainer(config).optimizer
     assert isinstance(optimizer, torch.optim.AdamW)
     assert all(group["fused"] for group in optimizer.param_groups)  # one kernel for all tensors, not a loop
+
+
+def test_schedule_checkpoint_pruning_and_rank_flags_do_what_they_say(tiny_llama, word_data, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--steps", "6", "--lr", "0.01", "--warmup-ratio", "0.5", "--save-every", "1", "--keep-checkpoints", "2"]
+    assert main(finetune_args(tiny_llama, word_data, out, *flags, "--rank", "2")) == 0
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "lr" in r]
+    # logged after each step: the rate the next step uses, 3 warm-up steps then a linear decay to 0 at step 6
+    assert [r["lr"] for r in records] == pytest.approx([0.01 * linear_schedule(s, 3, 6) for s in range(1, 7)])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
 
 
 def test_killed_run_resumes_bit_for_bit_like_an_uninterrupted_one(tiny_llama, word_data, tmp_path):
