@@ -257,19 +257,22 @@ def test_adding_an_adapter_name_twice_is_refused(net):
         lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL))
 
 
-def test_forward_per_sample_matches_one_adapter_at_a_time(net, tokens):
-    lk.inject(net, lk.LoraConfig(r=2, alpha=2, target_modules=ALL, init=False), "a")
-    lk.inject(net, lk.LoraConfig(r=5, alpha=3, target_modules=["hidden", "out", "embed"], init=False), "b")
+def assert_mixed_batch_matches_one_adapter_at_a_time(net, tokens, order: list[str], atol: float) -> None:
+    mixed = lk.forward_per_sample(net, order, tokens)
     expected = {}
-    for name in ["a", "b"]:
+    for name in dict.fromkeys(n for n in order if n != lk.BASE):
         lk.set_adapter(net, name)
         expected[name] = net(tokens)
     with lk.disabled(net):
         expected[lk.BASE] = net(tokens)
-    order = ["b", lk.BASE, "a", "b"]
-    mixed = lk.forward_per_sample(net, order, tokens)
     for i, name in enumerate(order):
-        torch.testing.assert_close(mixed[i], expected[name][i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed[i], expected[name][i], atol=atol, rtol=atol)
+
+
+def test_forward_per_sample_matches_one_adapter_at_a_time(net, tokens):
+    lk.inject(net, lk.LoraConfig(r=2, alpha=2, target_modules=ALL, init=False), "a")
+    lk.inject(net, lk.LoraConfig(r=5, alpha=3, target_modules=["hidden", "out", "embed"], init=False), "b")
+    assert_mixed_batch_matches_one_adapter_at_a_time(net, tokens, ["b", lk.BASE, "a", "b"], atol=1e-5)
     with pytest.raises(ValueError, match="3 adapter names for a batch of 4"):
         lk.forward_per_sample(net, ["a", "b", "a"], tokens)
     with pytest.raises(ValueError, match="unknown adapter 'zzz'"):
@@ -285,15 +288,7 @@ def test_mixed_batches_without_gradients_follow_factors_changed_between_calls(ne
 
     def check(atol: float) -> None:
         with torch.no_grad():
-            mixed = lk.forward_per_sample(net, order, tokens)
-            expected = {}
-            for name in ["a", "b"]:
-                lk.set_adapter(net, name)
-                expected[name] = net(tokens)
-            with lk.disabled(net):
-                expected[lk.BASE] = net(tokens)
-        for i, name in enumerate(order):
-            torch.testing.assert_close(mixed[i], expected[name][i], atol=atol, rtol=atol)
+            assert_mixed_batch_matches_one_adapter_at_a_time(net, tokens, order, atol)
 
     check(atol=1e-5)
     with torch.no_grad():
