@@ -288,3 +288,14 @@ def test_notes_example_rank_two_product_and_its_factors_reproduce_the_layer(dtyp
     B, A = lowrank.factors(W, 2)
     x, b = torch.randn(10, dtype=dtype), torch.randn(10, dtype=dtype)
     torch.testing.assert_close(B @ (A @ x) + b, W @ x + b, atol=RTOL[dtype] * 100, rtol=RTOL[dtype] * 10)
+
+
+def test_randomized_truncated_svd_is_reproducible_and_leaves_the_global_random_stream_alone():
+    M = torch.randn(300, 200, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = lowrank.truncated_svd(M, 5, method="randomized")
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's stream is where it was
+    second = lowrank.truncated_svd(M, 5, method="randomized")
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))

@@ -156,8 +156,8 @@ def truncated_svd(
     """The top r singular triplets: U_r (m × r), S_r (r,), Vh_r (r × n).
 
     method="exact" (the default) runs the full thin SVD; "randomized" runs torch.svd_lowrank with `niter`
-    subspace iterations and some oversampling, an approximation; "auto" picks randomized for large matrices
-    and small r, exact otherwise.
+    subspace iterations and some oversampling, an approximation (seeded: the same on every run); "auto" picks
+    randomized for large matrices and small r, exact otherwise.
     """
     M = as_matrix(M)
     _check_rank_arg(r, M)
@@ -169,7 +169,11 @@ def truncated_svd(
         method = "randomized" if big else "exact"
     if method == "randomized" and r > 0:
         q = min(r + RANDOMIZED_OVERSAMPLE, small_side)
-        U, S, V = torch.svd_lowrank(M, q=q, niter=niter)
+        # a fixed seed in a forked generator: the same triplets on every run, the caller's random stream untouched
+        on_cpu = M.device.type == "cpu"
+        with torch.random.fork_rng([] if on_cpu else [M.device], device_type="cuda" if on_cpu else M.device.type):
+            torch.manual_seed(0)
+            U, S, V = torch.svd_lowrank(M, q=q, niter=niter)
         return U[:, :r], S[:r], V[:, :r].mT
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     return U[:, :r], S[:r], Vh[:r]
