@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lorakit.data import IGNORE_INDEX, Example, collate, epoch_order, read_records
+from lorakit.data import IGNORE_INDEX, Example, TextDataset, collate, epoch_order, read_records
 
 
 def test_reads_jsonl_csv_and_plain_text(tmp_path):
@@ -63,3 +63,17 @@ def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
     assert torch.equal(a, epoch_order(50, seed=3, epoch=1))
     assert not torch.equal(a, epoch_order(50, seed=3, epoch=2))
     assert not torch.equal(a, epoch_order(50, seed=4, epoch=1))
+
+
+def test_examples_are_truncated_to_max_length_and_labels_map_to_class_ids(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    records = [{"text": "the cat sat on the mat", "label": "b"}, {"text": "a dog ran", "label": "a"}]
+    lm = TextDataset(records, tokenizer, "causal-lm", max_length=4)
+    assert [len(e.input_ids) for e in lm.examples] == [4, 3]
+    assert lm.examples[0].input_ids == tokenizer("the cat sat on")["input_ids"]
+    cls = TextDataset(records, tokenizer, "seq-cls", max_length=16)
+    assert cls.labels == ["a", "b"] and [e.label for e in cls.examples] == [1, 0]
+    with pytest.raises(ValueError, match="label 'c' is not one of the training labels"):
+        TextDataset([{"text": "sun", "label": "c"}], tokenizer, "seq-cls", max_length=16, labels=cls.labels)
