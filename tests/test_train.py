@@ -105,6 +105,17 @@ def test_schedule_checkpoint_pruning_and_rank_flags_do_what_they_say(tiny_llama,
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
 
 
+def test_train_returns_what_the_run_wrote_and_weight_decay_reaches_the_optimizer(tiny_llama, word_data, tmp_path):
+    config = lk.TrainConfig(
+        model=str(tiny_llama), data=str(word_data), out=str(tmp_path / "run"), steps=3, weight_decay=0.1, progress=False
+    )
+    assert all(group["weight_decay"] == 0.1 for group in Trainer(config).optimizer.param_groups)
+    result = lk.train(config)
+    last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r][-1]
+    assert (result.out, result.steps, result.final_loss) == (tmp_path / "run", 3, last["loss"])
+    assert result.seconds > 0 and result.eval == {}
+
+
 def test_killed_run_resumes_bit_for_bit_like_an_uninterrupted_one(tiny_llama, word_data, tmp_path):
     args = ["--steps", "40", "--batch-size", "4", "--save-every", "5", "--dropout", "0.1", "--grad-accum", "2"]
     full, killed = tmp_path / "full", tmp_path / "killed"
