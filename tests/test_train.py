@@ -189,6 +189,7 @@ def test_fsdp_evaluation_over_an_uneven_split_finishes_with_the_metrics_of_one_p
         "trainer = Trainer(config)\n"
         "result = trainer.evaluate()\n"
         f"open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.json', 'w').write(json.dumps(result))\n"
+        "dist.barrier()  # as Trainer.run ends: no process tears the group down while another still uses it\n"
         "dist.destroy_process_group()\n"
     )
     process = subprocess.Popen(
