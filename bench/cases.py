@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.models import Setting, floor_model, lorakit_model, peft_model
+from bench.models import Setting, adamw, floor_model, lorakit_model, peft_model
 from bench.timing import interleaved, summary
 
 
@@ -18,8 +18,7 @@ def training_step(setting: Setting, base, device, repeats: int) -> dict:
 
     def trainer(model):
         model.train()
-        # fused: what lorakit's trainer and transformers' Trainer (torch ≥ 2.8) both use
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+        optimizer = adamw(model)
 
         def step():
             model(input_ids=x, labels=x).loss.backward()

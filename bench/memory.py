@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bench.models import SETTINGS, lorakit_model, peft_model
+from bench.models import SETTINGS, adamw, lorakit_model, peft_model
 
 
 def resident_bytes() -> int:
@@ -58,7 +58,7 @@ def main() -> None:
     model = (lorakit_model if library == "lorakit" else peft_model)(setting, base, copy_base=False)
     model.train()
     x = torch.randint(0, setting.vocab, setting.batch, generator=torch.Generator().manual_seed(1)).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = adamw(model)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -104,6 +104,12 @@ def peft_model(setting: Setting, base: nn.Module, adapters: int = 1, copy_base: 
     return model
 
 
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    """The training cases' optimizer, the same for both libraries: fused AdamW over the trainable parameters,
+    what lorakit's trainer and transformers' Trainer (torch ≥ 2.8) both use."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+
 def floor_model(base: nn.Module) -> nn.Module:
     """The floor: every weight frozen, so backward computes all activation gradients and no weight gradient."""
     model = copy.deepcopy(base)
