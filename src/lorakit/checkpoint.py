@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.atomic import atomic_dir
-from lorakit.files import WEIGHTS_NAME, check_adapter_tensors, open_safetensors, read_json_object, write_adapter
+from lorakit.files import WEIGHTS_NAME, check_adapter_tensors, read_json_object, read_safetensors, write_adapter
 from lorakit.model import adapter_parameters
 
 __all__ = ["checkpoint_dirs", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -96,8 +96,8 @@ def load_checkpoint(
     """
     path = Path(path)
     state = read_json_object(path / STATE_NAME)
-    tensors = _read_tensors(path / TENSORS_NAME)
-    weights = _read_tensors(path / WEIGHTS_NAME)
+    tensors = read_safetensors(path / TENSORS_NAME)
+    weights = read_safetensors(path / WEIGHTS_NAME)
     params = adapter_parameters(model)
     try:
         check_adapter_tensors(weights, params, path / WEIGHTS_NAME)
@@ -126,11 +126,6 @@ def load_checkpoint(
     if torch.cuda.is_available() and len(cuda_rngs) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_rngs)
     return state
-
-
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    with open_safetensors(file) as f:
-        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (the handle is no dict: not iterable)
 
 
 def _describe(error: Exception) -> str:

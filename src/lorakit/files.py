@@ -46,7 +46,10 @@ __all__ = [
     "check_adapter_tensors",
     "config_from_peft",
     "load_adapter",
+    "open_safetensors",
     "peft_config",
+    "read_json_object",
+    "read_safetensors",
     "save_adapter",
     "write_adapter",
     "write_adapter_files",
@@ -188,6 +191,12 @@ def open_safetensors(path: Path) -> Iterator[Any]:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file (see `open_safetensors` for bad files)."""
+    with open_safetensors(path) as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (the handle is no dict: not iterable)
+
+
 def read_adapter_config(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise FileNotFoundError(f"no adapter directory at {directory}")
@@ -231,8 +240,7 @@ def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
         pickled = [name for name in ("adapter_model.bin", "adapter_model.pt") if (directory / name).exists()]
         hint = f" ({pickled[0]} is a pickle, which lorakit never loads)" if pickled else ""
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}{hint}")
-    with open_safetensors(path) as f:
-        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (the handle is no dict: not iterable)
+    return read_safetensors(path)
 
 
 def load_adapter(
