@@ -12,6 +12,7 @@
 
 import json
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -71,6 +72,15 @@ def adapted(model_name: str, init: str, **config) -> nn.Module:
     return lk.inject(build(), lk.LoraConfig(**kwargs))
 
 
+def initial_layers(model_name: str, init: str, **config) -> Iterator[tuple]:
+    """For each layer of a fresh model adapted with `init`: its original weight W (out × in), A, B, s, the layer."""
+    original = state(MODELS[model_name][0]())
+    model = adapted(model_name, init, **config)
+    for path, layer in lora_layers(model):
+        W = as_out_in(layer, original[f"{path}.weight"])
+        yield W, layer.lora_A["default"].detach(), layer.lora_B["default"].detach(), layer.scale["default"], layer
+
+
 # -- at init ---------------------------------------------------------------------------------------------
 
 
@@ -87,12 +97,8 @@ def test_outputs_are_unchanged_at_init(model_name, init):
 @pytest.mark.parametrize("init", SVD_INITS)
 @pytest.mark.parametrize("model_name", ["llama", "gpt2"])
 def test_base_weight_becomes_the_residual_w_minus_s_b_a(model_name, init):
-    original = state(MODELS[model_name][0]())
-    model = adapted(model_name, init)
-    for path, layer in lora_layers(model):
-        W = as_out_in(layer, original[f"{path}.weight"])
+    for W, A, B, s, layer in initial_layers(model_name, init):
         residual = as_out_in(layer, layer.base.weight.detach())
-        A, B, s = layer.lora_A["default"].detach(), layer.lora_B["default"].detach(), layer.scale["default"]
         assert B.abs().sum() > 0 and A.abs().sum() > 0  # not the usual B = 0 start
         torch.testing.assert_close(residual, W - s * B @ A, atol=1e-6, rtol=0)
 
@@ -103,11 +109,7 @@ def reference_svd(W: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("model_name", ["llama", "gpt2"])
 def test_pissa_factors_are_the_top_r_singular_triplets_of_w(model_name):
-    original = state(MODELS[model_name][0]())
-    model = adapted(model_name, "pissa", rank_pattern={"v_proj": 2, "c_fc": 2})
-    for path, layer in lora_layers(model):
-        W = as_out_in(layer, original[f"{path}.weight"])
-        A, B, s = layer.lora_A["default"].detach(), layer.lora_B["default"].detach(), layer.scale["default"]
+    for W, A, B, s, _ in initial_layers(model_name, "pissa", rank_pattern={"v_proj": 2, "c_fc": 2}):
         r = A.shape[0]
         U, S, Vt = reference_svd(W)
         top = torch.from_numpy((U[:, :r] * S[:r]) @ Vt[:r]).float()
@@ -122,11 +124,7 @@ def test_pissa_factors_are_the_top_r_singular_triplets_of_w(model_name):
 @pytest.mark.parametrize("model_name", ["llama", "gpt2"])
 def test_pissa_niter_factors_are_close_to_the_top_r_singular_triplets(model_name):
     """The randomized SVD (4 subspace iterations) on a flat, random-init spectrum: close, not exact."""
-    original = state(MODELS[model_name][0]())
-    model = adapted(model_name, "pissa_niter_4", rank_pattern={"v_proj": 2, "c_fc": 2})
-    for path, layer in lora_layers(model):
-        W = as_out_in(layer, original[f"{path}.weight"])
-        A, B, s = layer.lora_A["default"].detach(), layer.lora_B["default"].detach(), layer.scale["default"]
+    for W, A, B, s, _ in initial_layers(model_name, "pissa_niter_4", rank_pattern={"v_proj": 2, "c_fc": 2}):
         r = A.shape[0]
         S = torch.linalg.svdvals(W.double())[:r]
         found = torch.linalg.svdvals((s * B @ A).double())[:r]
@@ -137,11 +135,7 @@ def test_pissa_niter_factors_are_close_to_the_top_r_singular_triplets(model_name
 
 @pytest.mark.parametrize("model_name", ["llama", "gpt2"])
 def test_milora_factors_are_the_smallest_r_singular_triplets_of_w(model_name):
-    original = state(MODELS[model_name][0]())
-    model = adapted(model_name, "milora")
-    for path, layer in lora_layers(model):
-        W = as_out_in(layer, original[f"{path}.weight"])
-        A, B, s = layer.lora_A["default"].detach(), layer.lora_B["default"].detach(), layer.scale["default"]
+    for W, A, B, s, _ in initial_layers(model_name, "milora"):
         r = A.shape[0]
         U, S, Vt = reference_svd(W)
         bottom = torch.from_numpy((U[:, -r:] * S[-r:]) @ Vt[-r:]).float()
@@ -153,11 +147,7 @@ def test_milora_factors_are_the_smallest_r_singular_triplets_of_w(model_name):
 
 @pytest.mark.parametrize("model_name", ["llama", "gpt2"])
 def test_olora_b_is_q_with_orthonormal_columns_and_a_is_r(model_name):
-    original = state(MODELS[model_name][0]())
-    model = adapted(model_name, "olora")
-    for path, layer in lora_layers(model):
-        W = as_out_in(layer, original[f"{path}.weight"])
-        A, B = layer.lora_A["default"].detach(), layer.lora_B["default"].detach()
+    for W, A, B, _, _ in initial_layers(model_name, "olora"):
         r = A.shape[0]
         torch.testing.assert_close(B.T @ B, torch.eye(r), atol=1e-5, rtol=0)
         Q, R = np.linalg.qr(W.double().numpy())
