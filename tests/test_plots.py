@@ -1,4 +1,4 @@
-"""PNG plots (lorakit.plots): figures are closed even when saving fails, and the training plot reads a
+"""PNG plots (lorakit.plots): figures are closed even when saving fails, and the training plot draws a
 metrics log whose last line a kill left torn."""
 
 import json
@@ -7,6 +7,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 from lorakit.plots import save_figure, training_plot
+from lorakit.train import read_metrics
 
 
 def test_a_figure_whose_save_fails_is_closed_and_leaves_no_file(tmp_path):
@@ -27,5 +28,5 @@ def test_training_plot_drops_a_torn_last_line(tmp_path):
     records = [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 3, "lo')
-    training_plot(log, tmp_path / "loss.png")
+    training_plot(read_metrics(log), tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")

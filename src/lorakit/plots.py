@@ -15,7 +15,6 @@ from matplotlib.ticker import MaxNLocator
 
 from lorakit import lowrank
 from lorakit.atomic import atomic_file
-from lorakit.train import read_metrics
 
 __all__ = [
     "error_bars_plot",
@@ -91,9 +90,9 @@ def loss_plot(curves: Mapping[str, Sequence[float]], path: str | os.PathLike) ->
     save_figure(fig, path)
 
 
-def training_plot(metrics_jsonl: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Training loss per step from a metrics.jsonl log, with eval loss where there is one."""
-    records = read_metrics(metrics_jsonl)
+def training_plot(records: Sequence[Mapping], path: str | os.PathLike) -> None:
+    """Training loss per step from the records of a metrics.jsonl log (`train.read_metrics`), with eval loss
+    where there is one."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")

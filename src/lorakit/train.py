@@ -466,7 +466,7 @@ class Trainer:
                 write_text_atomic(self.out / "labels.json", json.dumps(self.train_set.labels) + "\n")
             from lorakit.plots import training_plot  # matplotlib only where a plot is drawn
 
-            training_plot(self.out / METRICS_NAME, self.out / "loss.png")
+            training_plot(read_metrics(self.out / METRICS_NAME), self.out / "loss.png")
             self.say(f"adapter saved in {self.out}/ (loss plot: {self.out / 'loss.png'})")
         if self.procs.world > 1:
             dist.barrier()
