@@ -9,7 +9,7 @@ For each model (tiny transformers models built from configs, a CNN, an embedding
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -75,6 +75,14 @@ TOKENS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3
 # 64 tokens: past every tiny layer's break-even, so lorakit's inference forms W + s·B·A for the call
 LONG_TOKENS = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(6))
 
+GPT2_CASE = Case(
+    "gpt2-conv1d",
+    build_tiny_gpt2,
+    lambda: {"input_ids": TOKENS},
+    {"r": 4, "alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"]},
+    {"r": 4, "lora_alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
+)
+
 CASES = [
     Case(
         "llama",
@@ -104,13 +112,7 @@ CASES = [
             "alpha_pattern": {"layers\\.1\\..*v_proj": 3},
         },
     ),
-    Case(
-        "gpt2-conv1d",
-        build_tiny_gpt2,
-        lambda: {"input_ids": TOKENS},
-        {"r": 4, "alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"]},
-        {"r": 4, "lora_alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
-    ),
+    GPT2_CASE,
     Case(
         "llama-long-inputs",
         build_tiny_llama,
@@ -118,13 +120,7 @@ CASES = [
         {"r": 4, "alpha": 8, "target_modules": "all-linear"},
         {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
     ),
-    Case(
-        "gpt2-conv1d-long-inputs",
-        build_tiny_gpt2,
-        lambda: {"input_ids": LONG_TOKENS},
-        {"r": 4, "alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"]},
-        {"r": 4, "lora_alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
-    ),
+    replace(GPT2_CASE, name="gpt2-conv1d-long-inputs", inputs=lambda: {"input_ids": LONG_TOKENS}),
     Case(
         "bert-seq-cls",
         seeded(
