@@ -42,8 +42,14 @@ def training_step(setting: Setting, base, device, repeats: int) -> dict:
         },
         repeats,
     )
-    ratios = {"lorakit / peft": ("lorakit", "peft"), "lorakit / floor": ("lorakit", "floor")}
-    return summary(samples, {**ratios, "peft / floor": ("peft", "floor")})
+    return summary(
+        samples,
+        {
+            "lorakit / peft": ("lorakit", "peft"),
+            "lorakit / floor": ("lorakit", "floor"),
+            "peft / floor": ("peft", "floor"),
+        },
+    )
 
 
 def inference(setting: Setting, base, device, repeats: int, shape: tuple[int, int], merged: bool) -> dict:
@@ -93,5 +99,10 @@ def mixed_batch(setting: Setting, base, device, repeats: int, shape: tuple[int, 
         },
         repeats,
     )
-    ratios = {"lorakit mixed / single": ("lorakit mixed", "lorakit single")}
-    return summary(samples, {**ratios, "peft mixed / single": ("peft mixed", "peft single")})
+    return summary(
+        samples,
+        {
+            "lorakit mixed / single": ("lorakit mixed", "lorakit single"),
+            "peft mixed / single": ("peft mixed", "peft single"),
+        },
+    )
