@@ -371,6 +371,22 @@ def test_resume_after_a_kill_mid_log_line_continues_the_log(tiny_llama, word_dat
     assert (out / "metrics.jsonl").read_text().endswith("}\n")
 
 
+def test_new_run_into_an_out_with_checkpoints_is_refused_and_leaves_it_as_it_was(
+    tiny_llama, word_data, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    args = finetune_args(tiny_llama, word_data, out, "--steps", "2", "--batch-size", "8", "--save-every", "1")
+    assert main(args) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*args, "--lr", "1e-3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"lorakit: error: {out} holds checkpoints of an earlier run (step-000001): add --resume to continue it, "
+        f"or remove {out / 'checkpoints'} (or choose another --out) to start over"
+    ]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_checkpoint_of_another_rank_is_refused_and_the_adapter_left_as_it_was(tmp_path):
     from torch import nn
 

@@ -240,6 +240,12 @@ class Trainer:
         self.procs = start_processes()
         self.out = Path(config.out)
         # everything that can fail on bad input happens here, before any file is written
+        earlier = None if config.resume else latest_checkpoint(self.out)
+        if earlier is not None:  # a later --resume would take up the earlier run's checkpoint as this run's
+            raise ValueError(
+                f"{self.out} holds checkpoints of an earlier run ({earlier.name}): add --resume to continue it, "
+                f"or remove {self.out / 'checkpoints'} (or choose another --out) to start over"
+            )
         label_field = config.label_field if config.task == "seq-cls" else None
         records = read_records(config.data, config.text_field, label_field)
         eval_records = read_records(config.eval_data, config.text_field, label_field) if config.eval_data else None

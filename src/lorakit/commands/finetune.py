@@ -76,7 +76,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="write an atomic checkpoint every N steps (default 0: none)",
     )
     run_group.add_argument("--keep-checkpoints", type=int, default=2, metavar="K", help="keep the newest K (default 2)")
-    run_group.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    run_group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out; without it, an --out that holds checkpoints is refused",
+    )
     run_group.add_argument(
         "--fsdp",
         action="store_true",
