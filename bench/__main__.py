@@ -1,12 +1,17 @@
 """`python -m bench`: run the suite, write bench/results.json and BENCHMARKS.md.
 
-python -m bench [--quick] [--settings llama-reference gpt2-conv1d] [--repeats 15] [--threads 2]
+python -m bench [--quick] [--settings llama-reference gpt2-conv1d] [--processes 4] [--repeats 10] [--threads 2]
+
+Every timed case runs in `--processes` fresh processes (`python -m bench.cases`), taken in turns: process 1
+of every case, then process 2 of every case, and so on, so that a slow spell of the machine is spread over
+all cases instead of falling on one. Peak memory runs each library in a process of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -15,9 +20,11 @@ from pathlib import Path
 
 import torch
 
-from bench import cases
-from bench.models import GPT2, QUICK, REFERENCE, SETTINGS, Setting
+from bench.cases import setting_cases, shape_name
+from bench.models import GPT2, QUICK, REFERENCE, SETTINGS, Setting, device_and_dtype
 from bench.report import write_markdown
+from bench.timing import Samples, summary
+from lorakit.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,22 +41,17 @@ TARGETS = {
 }
 
 
-def shape_name(shape: tuple[int, int]) -> str:
-    return f"{shape[0]}×{shape[1]}"
+def worker(module: str, *args: object) -> dict:
+    """Runs `python -m module args` in a fresh process and returns the JSON object on its last line."""
+    run = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"python -m {module} {' '.join(map(str, args))} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def memory_case(setting: Setting, threads: int) -> dict:
     """Each library in its own process, so that neither sees the other's allocations."""
-    peaks = {}
-    for library in ("lorakit", "peft"):
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.memory", library, setting.name, str(threads)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        peaks[library] = json.loads(out.stdout.strip().splitlines()[-1])
+    peaks = {library: worker("bench.memory", library, setting.name, threads) for library in ("lorakit", "peft")}
     return {
         "bytes": {lib: p["peak"] for lib, p in peaks.items()},
         "training_bytes": {lib: p["peak"] - p["before"] for lib, p in peaks.items()},
@@ -61,23 +63,21 @@ def memory_case(setting: Setting, threads: int) -> dict:
     }
 
 
-def run_setting(setting: Setting, device: torch.device, dtype: torch.dtype, repeats: int, threads: int) -> dict:
-    base = setting.build(dtype, device)
-    big, small = shape_name(setting.batch), shape_name(setting.small_batch)
-    results = {}
-    print(f"[{setting.name}] training step", flush=True)
-    results["training step"] = cases.training_step(setting, base, device, repeats)
-    print(f"[{setting.name}] inference", flush=True)
-    results[f"unmerged inference {big}"] = cases.inference(setting, base, device, repeats, setting.batch, False)
-    results[f"unmerged inference {small}"] = cases.inference(setting, base, device, repeats, setting.small_batch, False)
-    results[f"merged inference {big}"] = cases.inference(setting, base, device, repeats, setting.batch, True)
-    for shape in setting.mixed_batches:
-        print(f"[{setting.name}] mixed adapters {shape_name(shape)}", flush=True)
-        results[f"mixed adapters {shape_name(shape)}"] = cases.mixed_batch(setting, base, device, repeats, shape)
+def run_setting(setting: Setting, repeats: int, processes: int, threads: int) -> dict:
+    cases = setting_cases(setting)
+    samples: dict[str, Samples] = {case.name: {} for case in cases}
+    for process in range(processes):
+        for case in cases:
+            print(f"[{setting.name}] {case.name}: process {process + 1} of {processes}", flush=True)
+            timings = worker("bench.cases", setting.name, case.name, repeats, threads)["samples"]
+            for candidate, seconds in timings.items():
+                samples[case.name].setdefault(candidate, []).append(seconds)
+    results = {case.name: summary(samples[case.name], case.ratios) for case in cases}
     print(f"[{setting.name}] peak memory", flush=True)
     results["peak training memory"] = memory_case(setting, threads)
     if setting is not REFERENCE:  # the targets are set on the reference setting only
         return {"description": setting.description, "cases": results}
+    big, small = shape_name(setting.batch), shape_name(setting.small_batch)
     names = {"big": big, "small": small, **{f"mixed{i}": shape_name(s) for i, s in enumerate(setting.mixed_batches)}}
     for (template, ratio), target in TARGETS.items():
         try:
@@ -104,7 +104,8 @@ def machine(threads: int, device: torch.device) -> dict:
         pass
     info = {
         "cpu": cpu,
-        "cores": torch.get_num_threads() if threads is None else threads,
+        "cores": os.cpu_count(),
+        "threads": threads,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "peft": peft.__version__,
@@ -118,28 +119,32 @@ def machine(threads: int, device: torch.device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and 3 repeats: checks that the suite runs")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, 3 rounds in one process a case: checks that the suite runs"
+    )
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="which settings to run")
-    parser.add_argument("--repeats", type=int, default=15, help="measured rounds per case (default 15)")
+    parser.add_argument("--processes", type=int, default=4, help="fresh processes per timed case (default 4)")
+    parser.add_argument("--repeats", type=int, default=10, help="measured rounds per process (default 10)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"), help="results JSON")
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="summary to write")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.processes < 1 or args.repeats < 1 or args.threads < 1:
+        parser.error("--processes, --repeats and --threads must be positive")
+    device, dtype = device_and_dtype()
     settings = [QUICK] if args.quick else [SETTINGS[n] for n in args.settings or [REFERENCE.name, GPT2.name]]
-    repeats = 3 if args.quick else args.repeats
+    repeats, processes = (3, 1) if args.quick else (args.repeats, args.processes)
     started = time.time()
     results = {
         "command": "python -m bench " + " ".join(sys.argv[1:]),
         "machine": machine(args.threads, device),
         "dtype": str(dtype).removeprefix("torch."),
+        "processes": processes,
         "repeats": repeats,
-        "settings": {s.name: run_setting(s, device, dtype, repeats, args.threads) for s in settings},
+        "settings": {s.name: run_setting(s, repeats, processes, args.threads) for s in settings},
     }
     results["seconds"] = round(time.time() - started, 1)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(Path(args.out), json.dumps(results, indent=2) + "\n")
     write_markdown(results, Path(args.markdown))
     print(f"wrote {args.out} and {args.markdown}")
 

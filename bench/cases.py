@@ -1,18 +1,44 @@
-"""The measured cases. Each returns `timing.summary`: medians, ratios of medians and their intervals."""
+"""The measured cases, and the worker that runs one of them in a fresh process:
+
+    python -m bench.cases SETTING CASE REPEATS THREADS    # prints {"samples": {candidate: [seconds, ...]}}
+
+Each case builds its candidates from the setting's base model and times them interleaved
+(`timing.interleaved`); `python -m bench` starts the workers and pools their samples.
+"""
 
 from __future__ import annotations
 
-import torch
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
-from bench.models import Setting, adamw, floor_model, lorakit_model, peft_model
-from bench.timing import interleaved, summary
+import torch
+from torch import nn
+
+from bench.models import SETTINGS, Setting, adamw, device_and_dtype, floor_model, lorakit_model, peft_model
+from bench.timing import interleaved
+
+Timings = dict[str, list[float]]  # candidate -> seconds per call, one per round
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    run: Callable[[Setting, nn.Module, torch.device, int], Timings]  # (setting, base, device, repeats)
+    ratios: dict[str, tuple[str, str]]  # ratio name -> (numerator, denominator) candidates
 
 
 def tokens(setting: Setting, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     return torch.randint(0, setting.vocab, shape, generator=torch.Generator().manual_seed(1)).to(device)
 
 
-def training_step(setting: Setting, base, device, repeats: int) -> dict:
+def shape_name(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}×{shape[1]}"
+
+
+def training_step(setting: Setting, base: nn.Module, device: torch.device, repeats: int) -> Timings:
     """One AdamW step on batch × length tokens: lorakit, PEFT, and the floor (no weight gradients at all)."""
     x = tokens(setting, setting.batch, device)
 
@@ -34,25 +60,17 @@ def training_step(setting: Setting, base, device, repeats: int) -> dict:
         inputs = embed(x).detach().requires_grad_(True)
         floor(inputs_embeds=inputs, labels=x).loss.backward()
 
-    samples = interleaved(
-        {
-            "lorakit": trainer(lorakit_model(setting, base)),
-            "peft": trainer(peft_model(setting, base)),
-            "floor": floor_step,
-        },
-        repeats,
-    )
-    return summary(
-        samples,
-        {
-            "lorakit / peft": ("lorakit", "peft"),
-            "lorakit / floor": ("lorakit", "floor"),
-            "peft / floor": ("peft", "floor"),
-        },
-    )
+    candidates = {
+        "lorakit": trainer(lorakit_model(setting, base)),
+        "peft": trainer(peft_model(setting, base)),
+        "floor": floor_step,
+    }
+    return interleaved(candidates, repeats)
 
 
-def inference(setting: Setting, base, device, repeats: int, shape: tuple[int, int], merged: bool) -> dict:
+def inference(
+    setting: Setting, base: nn.Module, device: torch.device, repeats: int, shape: tuple[int, int], merged: bool
+) -> Timings:
     """A forward pass without gradients: lorakit and PEFT (unmerged or merged) against the base model."""
     import lorakit as lk
 
@@ -69,11 +87,12 @@ def inference(setting: Setting, base, device, repeats: int, shape: tuple[int, in
 
         return run
 
-    samples = interleaved({"lorakit": forward(ours), "peft": forward(theirs), "base": forward(base)}, repeats)
-    return summary(samples, {"lorakit / base": ("lorakit", "base"), "peft / base": ("peft", "base")})
+    return interleaved({"lorakit": forward(ours), "peft": forward(theirs), "base": forward(base)}, repeats)
 
 
-def mixed_batch(setting: Setting, base, device, repeats: int, shape: tuple[int, int]) -> dict:
+def mixed_batch(
+    setting: Setting, base: nn.Module, device: torch.device, repeats: int, shape: tuple[int, int]
+) -> Timings:
     """`setting.adapters` adapters, one per sample, against the same batch through a single adapter."""
     import lorakit as lk
 
@@ -90,19 +109,51 @@ def mixed_batch(setting: Setting, base, device, repeats: int, shape: tuple[int, 
 
         return call
 
-    samples = interleaved(
-        {
-            "lorakit mixed": run(lambda: lk.forward_per_sample(ours, per_sample, input_ids=x)),
-            "lorakit single": run(lambda: ours(input_ids=x)),
-            "peft mixed": run(lambda: theirs(input_ids=x, adapter_names=per_sample)),
-            "peft single": run(lambda: theirs(input_ids=x)),
-        },
-        repeats,
-    )
-    return summary(
-        samples,
-        {
-            "lorakit mixed / single": ("lorakit mixed", "lorakit single"),
-            "peft mixed / single": ("peft mixed", "peft single"),
-        },
-    )
+    candidates = {
+        "lorakit mixed": run(lambda: lk.forward_per_sample(ours, per_sample, input_ids=x)),
+        "lorakit single": run(lambda: ours(input_ids=x)),
+        "peft mixed": run(lambda: theirs(input_ids=x, adapter_names=per_sample)),
+        "peft single": run(lambda: theirs(input_ids=x)),
+    }
+    return interleaved(candidates, repeats)
+
+
+def setting_cases(setting: Setting) -> list[Case]:
+    """The timed cases of a setting, in the order BENCHMARKS.md lists them."""
+    big, small = setting.batch, setting.small_batch
+    against_base = {"lorakit / base": ("lorakit", "base"), "peft / base": ("peft", "base")}
+    cases = [
+        Case(
+            "training step",
+            training_step,
+            {
+                "lorakit / peft": ("lorakit", "peft"),
+                "lorakit / floor": ("lorakit", "floor"),
+                "peft / floor": ("peft", "floor"),
+            },
+        ),
+        Case(f"unmerged inference {shape_name(big)}", partial(inference, shape=big, merged=False), against_base),
+        Case(f"unmerged inference {shape_name(small)}", partial(inference, shape=small, merged=False), against_base),
+        Case(f"merged inference {shape_name(big)}", partial(inference, shape=big, merged=True), against_base),
+    ]
+    mixed_ratios = {
+        "lorakit mixed / single": ("lorakit mixed", "lorakit single"),
+        "peft mixed / single": ("peft mixed", "peft single"),
+    }
+    for shape in setting.mixed_batches:
+        cases.append(Case(f"mixed adapters {shape_name(shape)}", partial(mixed_batch, shape=shape), mixed_ratios))
+    return cases
+
+
+def main() -> None:
+    setting_name, case_name, repeats, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(threads)
+    setting = SETTINGS[setting_name]
+    case = next(c for c in setting_cases(setting) if c.name == case_name)
+    device, dtype = device_and_dtype()
+    samples = case.run(setting, setting.build(dtype, device), device, repeats)
+    print(json.dumps({"samples": samples}))
+
+
+if __name__ == "__main__":
+    main()

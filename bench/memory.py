@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bench.models import SETTINGS, adamw, lorakit_model, peft_model
+from bench.models import SETTINGS, adamw, device_and_dtype, lorakit_model, peft_model
 
 
 def resident_bytes() -> int:
@@ -52,8 +52,7 @@ def main() -> None:
     library, setting_name = sys.argv[1], sys.argv[2]
     torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 2)
     setting = SETTINGS[setting_name]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = device_and_dtype()
     base = setting.build(dtype, device)
     model = (lorakit_model if library == "lorakit" else peft_model)(setting, base, copy_base=False)
     model.train()

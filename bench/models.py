@@ -104,6 +104,13 @@ def peft_model(setting: Setting, base: nn.Module, adapters: int = 1, copy_base: 
     return model
 
 
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """A CUDA device in bf16 where there is one, else the CPU in fp32 (the reference setting)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
 def adamw(model: nn.Module) -> torch.optim.Optimizer:
     """The training cases' optimizer, the same for both libraries: fused AdamW over the trainable parameters,
     what lorakit's trainer and transformers' Trainer (torch ≥ 2.8) both use."""

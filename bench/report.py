@@ -4,22 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorakit.atomic import write_text_atomic
+
 
 def _seconds(value: float) -> str:
     return f"{value * 1e3:.1f} ms"
 
 
 def write_markdown(results: dict, path: Path) -> None:
-    m = results["machine"]
+    m, processes = results["machine"], results["processes"]
     lines = [
         "# Benchmarks",
         "",
-        f"Produced by `{results['command']}` ({results['seconds']:.0f} s) on {m['cpu']}, {m['cores']} threads, "
-        f"{m['device']}, {results['dtype']}; Python {m['python']}, torch {m['torch']}, peft {m['peft']}, "
-        f"transformers {m['transformers']}. Each case runs its candidates interleaved in one process after "
-        f"warm-up, {results['repeats']} rounds (calls under 50 ms repeated back to back within a sample); medians, "
-        "their ratios, and each ratio's 95% bootstrap interval (rounds resampled). Peak memory: each library in "
-        "its own process. Lower ratios are better.",
+        f"Produced by `{results['command']}` ({results['seconds']:.0f} s) on {m['cpu']} ({m['cores']} cores), "
+        f"{m['threads']} threads, {m['device']}, {results['dtype']}; Python {m['python']}, torch {m['torch']}, "
+        f"peft {m['peft']}, transformers {m['transformers']}. Each timed case ran in {processes} fresh "
+        f"{'process' if processes == 1 else 'processes'}, {results['repeats']} rounds each, its candidates "
+        "interleaved after warm-up (calls under 50 ms repeated back to back within a sample). Ratios are of the "
+        "medians over all rounds; the interval is a 95% bootstrap one that resamples processes and, within them, "
+        "rounds; the last column has the ratio in each process on its own. Peak memory: each library in its own "
+        "process. Lower ratios are better.",
         "",
     ]
     for name, setting in results["settings"].items():
@@ -28,8 +32,8 @@ def write_markdown(results: dict, path: Path) -> None:
             "",
             setting["description"],
             "",
-            "| case | ratio | value | 95% interval | target | met | medians |",
-            "|---|---|---|---|---|---|---|",
+            "| case | ratio | value | 95% interval | target | met | medians | per process |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for case, data in setting["cases"].items():
             raw = data.get("seconds") or data.get("bytes")
@@ -41,9 +45,10 @@ def write_markdown(results: dict, path: Path) -> None:
                 met = ("yes" if target["met"] else "NO") if target else ""
                 interval = data.get("intervals", {}).get(ratio)
                 spread = f"{interval[0]:.3f}–{interval[1]:.3f}" if interval else ""
-                lines.append(f"| {case} | {ratio} | {value:.3f} | {spread} | {bound} | {met} | {medians} |")
+                each = " ".join(f"{r:.3f}" for r in data.get("per_process", {}).get(ratio, []))
+                lines.append(f"| {case} | {ratio} | {value:.3f} | {spread} | {bound} | {met} | {medians} | {each} |")
         lines.append("")
     notes = Path(__file__).with_name("NOTES.md")  # what the figures mean, kept apart so that runs keep it
     if notes.exists():
         lines.append(notes.read_text())
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))

@@ -2,6 +2,10 @@
 drift in the machine's speed hits all of them alike. Medians, ratios of medians, and a bootstrap interval
 for each ratio, so that a reader can tell a difference from the machine's noise.
 
+A case runs in several fresh processes (as pyperf does): two processes of the same code can disagree by
+more than the rounds within either one (where the allocator and the OS placed things), so samples are kept
+per process, `samples[name][process][round]`, and the interval resamples processes as well as rounds.
+
 Calls much shorter than `min_sample` are repeated back to back within a sample (the same count for every
 candidate), as timeit's autorange does, so that a 10 ms forward pass is not measured at the timer's noise."""
 
@@ -14,6 +18,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+Samples = dict[str, list[list[float]]]  # candidate -> process -> seconds per call, one per round
 
 
 def synchronize() -> None:
@@ -33,7 +39,7 @@ def timed(fn: Callable[[], object], number: int) -> float:
 def interleaved(
     candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, min_sample: float = 0.05
 ) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, one sample per round."""
+    """Seconds per call of each candidate in this process, one sample per round."""
     names = list(candidates)
     for _ in range(warmup):
         for name in names:
@@ -48,29 +54,40 @@ def interleaved(
     return samples
 
 
+def pooled_ratio(numerator: list[list[float]], denominator: list[list[float]]) -> float:
+    """median(numerator) / median(denominator) over the rounds of all processes."""
+    return statistics.median(t for p in numerator for t in p) / statistics.median(t for p in denominator for t in p)
+
+
 def ratio_interval(
-    numerator: list[float], denominator: list[float], level: float = 0.95, resamples: int = 2000
+    numerator: list[list[float]], denominator: list[list[float]], level: float = 0.95, resamples: int = 2000
 ) -> tuple[float, float]:
-    """Bootstrap interval of median(numerator) / median(denominator). Whole rounds are resampled, so the two
-    candidates of a round, which ran side by side under the same state of the machine, stay together."""
+    """Bootstrap interval of the pooled ratio of medians. Each resample draws processes with replacement, then
+    rounds with replacement within each drawn process; a round is drawn whole, so the two candidates of a
+    round, which ran side by side under the same state of the machine, stay together."""
     rng = random.Random(0)
-    rounds = range(len(numerator))
     ratios = []
     for _ in range(resamples):
-        picked = rng.choices(rounds, k=len(numerator))
-        top = statistics.median([numerator[i] for i in picked])
-        ratios.append(top / statistics.median([denominator[i] for i in picked]))
+        top, bottom = [], []
+        for p in rng.choices(range(len(numerator)), k=len(numerator)):
+            rounds = rng.choices(range(len(numerator[p])), k=len(numerator[p]))
+            top.append([numerator[p][i] for i in rounds])
+            bottom.append([denominator[p][i] for i in rounds])
+        ratios.append(pooled_ratio(top, bottom))
     ratios.sort()
     tail = (1 - level) / 2
     return ratios[int(tail * resamples)], ratios[int((1 - tail) * resamples) - 1]
 
 
-def summary(samples: dict[str, list[float]], ratios: dict[str, tuple[str, str]]) -> dict:
-    """Medians of every candidate; each named ratio (numerator, denominator) of medians with its interval."""
+def summary(samples: Samples, ratios: dict[str, tuple[str, str]]) -> dict:
+    """Pooled medians of every candidate; each named ratio (numerator, denominator) of pooled medians, with its
+    interval and its value in each process on its own."""
     return {
-        "seconds": {name: statistics.median(times) for name, times in samples.items()},
-        "ratios": {
-            name: statistics.median(samples[a]) / statistics.median(samples[b]) for name, (a, b) in ratios.items()
-        },
+        "seconds": {name: statistics.median(t for p in times for t in p) for name, times in samples.items()},
+        "ratios": {name: pooled_ratio(samples[a], samples[b]) for name, (a, b) in ratios.items()},
         "intervals": {name: ratio_interval(samples[a], samples[b]) for name, (a, b) in ratios.items()},
+        "per_process": {
+            name: [statistics.median(ta) / statistics.median(tb) for ta, tb in zip(samples[a], samples[b], strict=True)]
+            for name, (a, b) in ratios.items()
+        },
     }

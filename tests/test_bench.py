@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.timing import ratio_interval
+from bench.timing import ratio_interval, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,14 +30,28 @@ def test_quick_benchmark_run_writes_results_and_summary(tmp_path):
     assert step["ratios"]["lorakit / peft"] == step["seconds"]["lorakit"] / step["seconds"]["peft"]
     low, high = step["intervals"]["lorakit / peft"]
     assert 0 < low <= high
+    assert data["processes"] == 1 and step["per_process"]["lorakit / peft"] == [step["ratios"]["lorakit / peft"]]
     assert cases["peak training memory"]["bytes"]["lorakit"] > 0
     text = summary.read_text()
     assert "| training step | lorakit / floor |" in text and data["command"] in text
 
 
 def test_ratio_interval_is_exact_for_a_constant_ratio():
-    base = [1.0, 1.3, 0.9, 1.1, 1.2, 1.0]
-    assert ratio_interval([2 * t for t in base], base) == pytest.approx((2.0, 2.0))
+    base = [[1.0, 1.3, 0.9, 1.1, 1.2, 1.0], [0.8, 1.4, 1.0]]
+    assert ratio_interval([[2 * t for t in p] for p in base], base) == pytest.approx((2.0, 2.0))
+
+
+def test_processes_that_disagree_widen_the_interval_to_cover_each_of_them():
+    rng = random.Random(0)
+    base = [[rng.gauss(1.0, 0.01) for _ in range(20)] for _ in range(4)]
+    offsets = [1.00, 1.02, 1.06, 1.03]  # each process's own ratio: where the allocator put things, say
+    ours = [[offset * t * rng.gauss(1.0, 0.003) for t in p] for offset, p in zip(offsets, base, strict=True)]
+    low, high = ratio_interval(ours, base)
+    pooled_low, pooled_high = ratio_interval([[t for p in ours for t in p]], [[t for p in base for t in p]])
+    assert high - low > 2 * (pooled_high - pooled_low)  # the rounds alone would claim far more precision
+    assert low < 1.02 and high > 1.04
+    result = summary({"ours": ours, "base": base}, {"ours / base": ("ours", "base")})
+    assert result["per_process"]["ours / base"] == pytest.approx(offsets, rel=0.01)
 
 
 def test_ratio_interval_covers_the_true_ratio_and_narrows_with_more_rounds():
@@ -46,7 +60,7 @@ def test_ratio_interval_covers_the_true_ratio_and_narrows_with_more_rounds():
         drift = [1 + 0.2 * rng.random() for _ in range(rounds)]  # the machine's speed, shared within a round
         base = [d * rng.gauss(1.0, 0.02) for d in drift]
         ours = [1.05 * d * rng.gauss(1.0, 0.02) for d in drift]
-        low, high = ratio_interval(ours, base)
+        low, high = ratio_interval([ours], [base])
         return high - low, low <= 1.05 <= high
 
     (wide, covered_few), (narrow, covered_many) = widths_and_cover(10), widths_and_cover(200)
