@@ -20,10 +20,11 @@ def write_markdown(results: dict, path: Path) -> None:
         f"{m['threads']} threads, {m['device']}, {results['dtype']}; Python {m['python']}, torch {m['torch']}, "
         f"peft {m['peft']}, transformers {m['transformers']}. Each timed case ran in {processes} fresh "
         f"{'process' if processes == 1 else 'processes'}, {results['repeats']} rounds each, its candidates "
-        "interleaved after warm-up (calls under 50 ms repeated back to back within a sample). Ratios are of the "
-        "medians over all rounds; the interval is a 95% bootstrap one that resamples processes and, within them, "
-        "rounds; the last column has the ratio in each process on its own. Peak memory: each library in its own "
-        "process. Lower ratios are better.",
+        "interleaved after warm-up (calls under 50 ms repeated back to back within a sample). A ratio is the median, "
+        "over all rounds, of the two candidates' ratio within the round (they ran side by side); the interval is a "
+        "95% bootstrap one that resamples processes and, within them, rounds; the last column has the ratio in "
+        "each process on its own; medians are over all rounds. Peak memory: each library in its own process. "
+        "Lower ratios are better.",
         "",
     ]
     for name, setting in results["settings"].items():

@@ -1,6 +1,6 @@
 """Interleaved timing: every candidate runs once per round, in a rotating order, after warm-up, so that
-drift in the machine's speed hits all of them alike. Medians, ratios of medians, and a bootstrap interval
-for each ratio, so that a reader can tell a difference from the machine's noise.
+drift in the machine's speed hits all of them alike. Medians, the median of each pair's ratio round by
+round, and a bootstrap interval for it, so that a reader can tell a difference from the machine's noise.
 
 A case runs in several fresh processes (as pyperf does): two processes of the same code can disagree by
 more than the rounds within either one (where the allocator and the OS placed things), so samples are kept
@@ -54,17 +54,20 @@ def interleaved(
     return samples
 
 
-def pooled_ratio(numerator: list[list[float]], denominator: list[list[float]]) -> float:
-    """median(numerator) / median(denominator) over the rounds of all processes."""
-    return statistics.median(t for p in numerator for t in p) / statistics.median(t for p in denominator for t in p)
+def paired_ratio(numerator: list[list[float]], denominator: list[list[float]]) -> float:
+    """The median, over the rounds of all processes, of each round's numerator / denominator. The two ran side by
+    side in their round, so each round's ratio is free of the machine's drift between rounds and between
+    processes, which a ratio of medians pooled over processes running at different speeds would not be."""
+    return statistics.median(
+        a / b for top, bottom in zip(numerator, denominator, strict=True) for a, b in zip(top, bottom, strict=True)
+    )
 
 
 def ratio_interval(
     numerator: list[list[float]], denominator: list[list[float]], level: float = 0.95, resamples: int = 2000
 ) -> tuple[float, float]:
-    """Bootstrap interval of the pooled ratio of medians. Each resample draws processes with replacement, then
-    rounds with replacement within each drawn process; a round is drawn whole, so the two candidates of a
-    round, which ran side by side under the same state of the machine, stay together."""
+    """Bootstrap interval of `paired_ratio`. Each resample draws processes with replacement, then rounds with
+    replacement within each drawn process, a round's two candidates together."""
     rng = random.Random(0)
     ratios = []
     for _ in range(resamples):
@@ -73,21 +76,22 @@ def ratio_interval(
             rounds = rng.choices(range(len(numerator[p])), k=len(numerator[p]))
             top.append([numerator[p][i] for i in rounds])
             bottom.append([denominator[p][i] for i in rounds])
-        ratios.append(pooled_ratio(top, bottom))
+        ratios.append(paired_ratio(top, bottom))
     ratios.sort()
     tail = (1 - level) / 2
     return ratios[int(tail * resamples)], ratios[int((1 - tail) * resamples) - 1]
 
 
 def summary(samples: Samples, ratios: dict[str, tuple[str, str]]) -> dict:
-    """Pooled medians of every candidate; each named ratio (numerator, denominator) of pooled medians, with its
-    interval and its value in each process on its own."""
+    """Every candidate's median over all rounds; each named ratio (numerator, denominator) as `paired_ratio`,
+    with its interval and its value in each process on its own; and the samples themselves."""
     return {
         "seconds": {name: statistics.median(t for p in times for t in p) for name, times in samples.items()},
-        "ratios": {name: pooled_ratio(samples[a], samples[b]) for name, (a, b) in ratios.items()},
+        "ratios": {name: paired_ratio(samples[a], samples[b]) for name, (a, b) in ratios.items()},
         "intervals": {name: ratio_interval(samples[a], samples[b]) for name, (a, b) in ratios.items()},
         "per_process": {
-            name: [statistics.median(ta) / statistics.median(tb) for ta, tb in zip(samples[a], samples[b], strict=True)]
+            name: [paired_ratio([ta], [tb]) for ta, tb in zip(samples[a], samples[b], strict=True)]
             for name, (a, b) in ratios.items()
         },
+        "samples": samples,
     }

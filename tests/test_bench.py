@@ -2,6 +2,7 @@
 
 import json
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,9 @@ def test_quick_benchmark_run_writes_results_and_summary(tmp_path):
     assert set(cases) == expected
     step = cases["training step"]
     assert set(step["seconds"]) == {"lorakit", "peft", "floor"} and all(v > 0 for v in step["seconds"].values())
-    assert step["ratios"]["lorakit / peft"] == step["seconds"]["lorakit"] / step["seconds"]["peft"]
+    (ours,), (theirs,) = step["samples"]["lorakit"], step["samples"]["peft"]  # one process, 3 rounds
+    assert len(ours) == 3 and step["seconds"]["lorakit"] == statistics.median(ours)
+    assert step["ratios"]["lorakit / peft"] == statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
     low, high = step["intervals"]["lorakit / peft"]
     assert 0 < low <= high
     assert data["processes"] == 1 and step["per_process"]["lorakit / peft"] == [step["ratios"]["lorakit / peft"]]
@@ -39,6 +42,15 @@ def test_quick_benchmark_run_writes_results_and_summary(tmp_path):
 def test_ratio_interval_is_exact_for_a_constant_ratio():
     base = [[1.0, 1.3, 0.9, 1.1, 1.2, 1.0], [0.8, 1.4, 1.0]]
     assert ratio_interval([[2 * t for t in p] for p in base], base) == pytest.approx((2.0, 2.0))
+
+
+def test_ratio_is_the_median_of_round_by_round_ratios_pooled_over_processes():
+    base = [[1.0, 2.0, 4.0], [8.0, 8.0]]  # the machine's speed drifts between rounds and between processes
+    ours = [[1.1, 2.0, 4.8], [8.8, 9.6]]  # round by round: 1.1, 1.0, 1.2 and 1.1, 1.2
+    result = summary({"ours": ours, "base": base}, {"ours / base": ("ours", "base")})
+    assert result["ratios"]["ours / base"] == pytest.approx(1.1)  # the ratio of pooled medians: 4.8 / 4.0 = 1.2
+    assert result["per_process"]["ours / base"] == pytest.approx([1.1, 1.15])
+    assert result["seconds"] == {"ours": 4.8, "base": 4.0}
 
 
 def test_processes_that_disagree_widen_the_interval_to_cover_each_of_them():
