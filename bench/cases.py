@@ -149,7 +149,10 @@ def main() -> None:
     setting_name, case_name, repeats, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(threads)
     setting = SETTINGS[setting_name]
-    case = next(c for c in setting_cases(setting) if c.name == case_name)
+    cases = {case.name: case for case in setting_cases(setting)}
+    if case_name not in cases:
+        sys.exit(f"no case {case_name!r} in {setting_name}; it has: {', '.join(cases)}")
+    case = cases[case_name]
     device, dtype = device_and_dtype()
     samples = case.run(setting, setting.build(dtype, device), device, repeats)
     print(json.dumps({"samples": samples}))
