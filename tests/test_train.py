@@ -136,7 +136,7 @@ def test_killed_run_resumes_bit_for_bit_like_an_uninterrupted_one(tiny_llama, wo
 
     resumed = run_module(finetune_args(tiny_llama, word_data, killed, *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "warning" not in resumed.stderr
     assert adapters_equal(full, killed)
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))  # the interrupted run's extra lines were dropped on resume
@@ -369,6 +369,16 @@ def test_resume_after_a_kill_mid_log_line_continues_the_log(tiny_llama, word_dat
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["loss"] < 99 for r in records)  # a run from step 0 starts its log afresh
     assert (out / "metrics.jsonl").read_text().endswith("}\n")
+
+
+def test_resume_with_other_settings_warns_naming_each_change(tiny_llama, word_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = finetune_args(tiny_llama, word_data, out, "--batch-size", "8", "--save-every", "1")
+    assert main([*args, "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--steps", "3", "--lr", "1e-3", "--resume"]) == 0
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert "warning: the checkpoint's run had other settings (lr 0.0002 → 0.001; total_steps 2 → 3)" in err
 
 
 def test_new_run_into_an_out_with_checkpoints_is_refused_and_leaves_it_as_it_was(

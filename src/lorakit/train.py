@@ -307,6 +307,33 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.start_step = state["step"]
         self.say(f"resumed from {path} (step {self.start_step} of {self.total_steps})")
+        then, now = state.get("run", {}), self.run_settings()
+        changed = [f"{key} {then[key]!r} → {value!r}" for key, value in now.items() if then.get(key, value) != value]
+        if changed:  # allowed (more steps, a lower rate), but the user should know
+            self.say(
+                f"warning: the checkpoint's run had other settings ({'; '.join(changed)}): this run will not "
+                "match an uninterrupted one"
+            )
+
+    def run_settings(self) -> dict[str, Any]:
+        """What sets a run's course from any step on: a resumed run matches an uninterrupted one when these match
+        (the adapter's shape, --r and --targets, is checked when the checkpoint loads)."""
+        c = self.config
+        return {
+            "model": c.model,
+            "data": c.data,
+            "task": c.task,
+            "alpha": c.alpha,
+            "dropout": c.dropout,
+            "lr": c.lr,
+            "lr_ratio": c.lr_ratio,
+            "weight_decay": c.weight_decay,
+            "warmup_ratio": c.warmup_ratio,
+            "total_steps": self.total_steps,
+            "examples_per_step": c.grad_accum * self.global_micro,
+            "max_length": c.max_length,
+            "seed": c.seed,
+        }
 
     def _distribute(self) -> nn.Module:
         """The module the loop calls: the model itself, DDP around it, or FSDP2 shards of its frozen base."""
@@ -419,7 +446,7 @@ class Trainer:
                 self.model,
                 self.optimizer,
                 self.scheduler,
-                {"total_steps": self.total_steps},
+                {"run": self.run_settings()},
                 self.config.keep_checkpoints,
             )
         if self.procs.world > 1:
