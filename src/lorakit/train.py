@@ -319,9 +319,10 @@ class Trainer:
         """What sets a run's course from any step on: a resumed run matches an uninterrupted one when these match
         (the adapter's shape, --r and --targets, is checked when the checkpoint loads)."""
         c = self.config
-        return {
-            "model": c.model,
-            "data": c.data,
+        model_dir = local_model_dir(c.model)
+        return {  # paths resolved, so that `run/data.jsonl` and `./run/data.jsonl` are the same data
+            "model": c.model if model_dir is None else str(model_dir.resolve()),
+            "data": str(Path(c.data).expanduser().resolve()),
             "task": c.task,
             "alpha": c.alpha,
             "dropout": c.dropout,
