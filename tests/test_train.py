@@ -136,7 +136,7 @@ def test_killed_run_resumes_bit_for_bit_like_an_uninterrupted_one(tiny_llama, wo
 
     resumed = run_module(finetune_args(tiny_llama, word_data, killed, *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr and "warning" not in resumed.stderr
+    assert "resumed from" in resumed.stderr and "the checkpoint's run had other settings" not in resumed.stderr
     assert adapters_equal(full, killed)
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))  # the interrupted run's extra lines were dropped on resume
@@ -371,15 +371,28 @@ def test_resume_after_a_kill_mid_log_line_continues_the_log(tiny_llama, word_dat
     assert (out / "metrics.jsonl").read_text().endswith("}\n")
 
 
-def test_resume_with_other_settings_warns_naming_each_change(tiny_llama, word_data, tmp_path, capsys):
+def test_resume_with_other_settings_takes_them_and_names_each_change(tiny_llama, word_data, tmp_path, capsys):
     out = tmp_path / "run"
-    args = finetune_args(tiny_llama, word_data, out, "--batch-size", "8", "--save-every", "1")
+    args = finetune_args(tiny_llama, word_data, out, "--batch-size", "8", "--save-every", "1", "--lr-ratio", "4")
     assert main([*args, "--steps", "2"]) == 0
     capsys.readouterr()
     args[args.index("--data") + 1] = os.path.relpath(word_data)  # the same file, spelled otherwise: no change
-    assert main([*args, "--steps", "3", "--lr", "1e-3", "--resume"]) == 0
+    changed = ["--steps", "3", "--lr", "1e-3", "--weight-decay", "0.1"]
+    same = dict(model=str(tiny_llama), data=str(word_data), out=str(out), batch_size=8, save_every=1, lr_ratio=4)
+    config = lk.TrainConfig(**same, steps=3, lr=1e-3, weight_decay=0.1, resume=True, progress=False)
+    optimizer = Trainer(config).optimizer  # resumed from step 1 of 3, no warm-up
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3 * 2 / 3, 4e-3 * 2 / 3])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.1]
+    capsys.readouterr()
+
+    assert main([*args, *changed, "--resume"]) == 0
     err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
-    assert "warning: the checkpoint's run had other settings (lr 0.0002 → 0.001; total_steps 2 → 3)" in err
+    expected = "(lr 0.0002 → 0.001; weight_decay 0.0 → 0.1; total_steps 2 → 3): this run will not match"
+    assert f"warning: the checkpoint's run had other settings {expected}" in err
+    lrs = {r["step"]: r["lr"] for r in read_metrics(out / "metrics.jsonl") if "lr" in r}
+    assert lrs[2] == pytest.approx(1e-3 * linear_schedule(2, 0, 3))  # the rate after step 2, from the new --lr
+    state = json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert state["run"]["lr"] == 1e-3 and state["param_groups"][0]["initial_lr"] == 1e-3
 
 
 def test_new_run_into_an_out_with_checkpoints_is_refused_and_leaves_it_as_it_was(

@@ -240,11 +240,13 @@ class Trainer:
         self.procs = start_processes()
         self.out = Path(config.out)
         # everything that can fail on bad input happens here, before any file is written
+        # A new run into an --out with checkpoints: a later --resume would take up the earlier run's as its own.
+        # Rank 0 writes, so its --out decides, for every rank at once (each node may have an --out of its own).
         earlier = None if config.resume else latest_checkpoint(self.out)
-        if earlier is not None:  # a later --resume would take up the earlier run's checkpoint as this run's
+        if self.procs.all_sum([float(self.procs.main and earlier is not None)])[0]:
             raise ValueError(
-                f"{self.out} holds checkpoints of an earlier run ({earlier.name}): add --resume to continue it, "
-                f"or remove {self.out / 'checkpoints'} (or choose another --out) to start over"
+                f"{self.out} holds checkpoints of an earlier run{f' ({earlier.name})' if earlier else ''}: add "
+                f"--resume to continue it, or remove {self.out / 'checkpoints'} (or choose another --out) to start over"
             )
         label_field = config.label_field if config.task == "seq-cls" else None
         records = read_records(config.data, config.text_field, label_field)
@@ -305,15 +307,29 @@ class Trainer:
             self.say("--resume: no checkpoint yet, starting from the beginning")
             return
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        then, now = state.get("run", {}), self.run_settings()  # no "run": a checkpoint from before they were kept
+        if not isinstance(then, dict):
+            raise ValueError(f"{path}: its 'run' settings are not a JSON object")
         self.start_step = state["step"]
+        self._take_this_runs_rates()
         self.say(f"resumed from {path} (step {self.start_step} of {self.total_steps})")
-        then, now = state.get("run", {}), self.run_settings()
         changed = [f"{key} {then[key]!r} → {value!r}" for key, value in now.items() if then.get(key, value) != value]
-        if changed:  # allowed (more steps, a lower rate), but the user should know
+        if changed:  # allowed (more steps, another rate), but the user should know
             self.say(
                 f"warning: the checkpoint's run had other settings ({'; '.join(changed)}): this run will not "
                 "match an uninterrupted one"
             )
+
+    def _take_this_runs_rates(self) -> None:
+        """A checkpoint brings back its optimizer's learning rates and weight decay; this run's --lr, --lr-ratio and
+        --weight-decay replace them, and the schedule goes on from the checkpoint's step with the new base rates.
+        (With the same settings, these are the values the checkpoint held, bit for bit.)"""
+        c, groups = self.config, self.optimizer.param_groups
+        rates = [c.lr, c.lr * c.lr_ratio][: len(groups)]  # the A (and embedding) group, then the B group
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, rate in zip(groups, rates, strict=True):
+            group["initial_lr"], group["lr"], group["weight_decay"] = rate, rate * factor, c.weight_decay
+        self.scheduler.base_lrs = rates
 
     def run_settings(self) -> dict[str, Any]:
         """What sets a run's course from any step on: a resumed run matches an uninterrupted one when these match
@@ -323,6 +339,8 @@ class Trainer:
         return {  # paths resolved, so that `run/data.jsonl` and `./run/data.jsonl` are the same data
             "model": c.model if model_dir is None else str(model_dir.resolve()),
             "data": str(Path(c.data).expanduser().resolve()),
+            "text_field": c.text_field,
+            "label_field": c.label_field,
             "task": c.task,
             "alpha": c.alpha,
             "dropout": c.dropout,
