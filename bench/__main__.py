@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -41,12 +42,24 @@ TARGETS = {
 }
 
 
+class WorkerFailed(RuntimeError):
+    pass
+
+
 def worker(module: str, *args: object) -> dict:
     """Runs `python -m module args` in a fresh process and returns the JSON object on its last line."""
+    command = shlex.join(["python", "-m", module, *map(str, args)])
     run = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    errors = run.stderr.strip().splitlines()
     if run.returncode != 0:
-        raise RuntimeError(f"python -m {module} {' '.join(map(str, args))} failed:\n{run.stderr[-3000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+        raise WorkerFailed(f"{command} exited with {run.returncode}: {errors[-1] if errors else 'no message'}")
+    try:
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise WorkerFailed(f"{command} printed no JSON result") from None
+    if not isinstance(result, dict):
+        raise WorkerFailed(f"{command} printed no JSON object")
+    return result
 
 
 def memory_case(setting: Setting, threads: int) -> dict:
@@ -135,15 +148,19 @@ def main() -> None:
     settings = [QUICK] if args.quick else [SETTINGS[n] for n in args.settings or [REFERENCE.name, GPT2.name]]
     repeats, processes = (3, 1) if args.quick else (args.repeats, args.processes)
     started = time.time()
+    try:
+        measured = {s.name: run_setting(s, repeats, processes, args.threads) for s in settings}
+    except WorkerFailed as error:
+        parser.exit(1, f"python -m bench: {error}\n")
     results = {
-        "command": "python -m bench " + " ".join(sys.argv[1:]),
-        "machine": machine(args.threads, device),
+        "command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
+        "machine": machine(args.threads, device),  # after the workers: on CUDA it opens a context here
         "dtype": str(dtype).removeprefix("torch."),
         "processes": processes,
         "repeats": repeats,
-        "settings": {s.name: run_setting(s, repeats, processes, args.threads) for s in settings},
+        "settings": measured,
+        "seconds": round(time.time() - started, 1),
     }
-    results["seconds"] = round(time.time() - started, 1)
     write_text_atomic(Path(args.out), json.dumps(results, indent=2) + "\n")
     write_markdown(results, Path(args.markdown))
     print(f"wrote {args.out} and {args.markdown}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.__main__ import WorkerFailed, worker
 from bench.timing import ratio_interval, summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,7 @@ def test_ratio_is_the_median_of_round_by_round_ratios_pooled_over_processes():
     assert result["seconds"] == {"ours": 4.8, "base": 4.0}
 
 
-def test_processes_that_disagree_widen_the_interval_to_cover_each_of_them():
+def test_processes_that_disagree_widen_the_interval_beyond_what_the_rounds_alone_give():
     rng = random.Random(0)
     base = [[rng.gauss(1.0, 0.01) for _ in range(20)] for _ in range(4)]
     offsets = [1.00, 1.02, 1.06, 1.03]  # each process's own ratio: where the allocator put things, say
@@ -78,3 +79,12 @@ def test_ratio_interval_covers_the_true_ratio_and_narrows_with_more_rounds():
     (wide, covered_few), (narrow, covered_many) = widths_and_cover(10), widths_and_cover(200)
     assert covered_few and covered_many
     assert narrow < wide / 2
+
+
+def test_a_failed_worker_is_one_error_naming_its_command_and_its_last_words():
+    with pytest.raises(WorkerFailed) as failed:
+        worker("bench.cases", "llama-quick", "no such case", 1, 1)
+    message = str(failed.value)
+    assert message.startswith("python -m bench.cases llama-quick 'no such case' 1 1 exited with 1: ")
+    assert message.endswith("no case 'no such case' in llama-quick; it has: training step, unmerged inference 2×16, "
+                            "unmerged inference 1×8, merged inference 2×16, mixed adapters 4×16")  # fmt: skip
