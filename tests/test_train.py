@@ -405,10 +405,13 @@ def test_new_run_into_an_out_with_checkpoints_is_refused_and_leaves_it_as_it_was
     capsys.readouterr()
     assert main([*args, "--lr", "1e-3"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"lorakit: error: {out} holds checkpoints of an earlier run (step-000001): add --resume to continue it, "
-        f"or remove {out / 'checkpoints'} (or choose another --out) to start over"
+        f"lorakit: error: {out} holds checkpoints of an earlier run (step-000001), which finished: add --resume to "
+        f"continue it with more --steps, or remove {out / 'checkpoints'} (or choose another --out) to start over"
     ]
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (out / "train_config.json").unlink()  # as a run killed before its end leaves --out
+    assert main(args) == 2
+    assert "(step-000001): add --resume to continue it, or remove" in " ".join(capsys.readouterr().err.split())
 
 
 def test_checkpoint_of_another_rank_is_refused_and_the_adapter_left_as_it_was(tmp_path):

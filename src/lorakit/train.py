@@ -244,9 +244,12 @@ class Trainer:
         # Rank 0 writes, so its --out decides, for every rank at once (each node may have an --out of its own).
         earlier = None if config.resume else latest_checkpoint(self.out)
         if self.procs.all_sum([float(self.procs.main and earlier is not None)])[0]:
+            finished = (self.out / "train_config.json").is_file()  # written when a run ends
             raise ValueError(
-                f"{self.out} holds checkpoints of an earlier run{f' ({earlier.name})' if earlier else ''}: add "
-                f"--resume to continue it, or remove {self.out / 'checkpoints'} (or choose another --out) to start over"
+                f"{self.out} holds checkpoints of an earlier run{f' ({earlier.name})' if earlier else ''}"
+                f"{', which finished' if finished else ''}: add --resume to continue it"
+                f"{' with more --steps' if finished else ''}, or remove {self.out / 'checkpoints'} (or choose another "
+                "--out) to start over"
             )
         label_field = config.label_field if config.task == "seq-cls" else None
         records = read_records(config.data, config.text_field, label_field)
