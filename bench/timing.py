@@ -54,29 +54,33 @@ def interleaved(
     return samples
 
 
+def round_ratios(numerator: list[list[float]], denominator: list[list[float]]) -> list[list[float]]:
+    """Each round's numerator / denominator, per process. The two ran side by side in their round, so a round's
+    ratio is free of the machine's drift between rounds and between processes, which a ratio of medians pooled
+    over processes running at different speeds would not be."""
+    return [
+        [a / b for a, b in zip(top, bottom, strict=True)] for top, bottom in zip(numerator, denominator, strict=True)
+    ]
+
+
 def paired_ratio(numerator: list[list[float]], denominator: list[list[float]]) -> float:
-    """The median, over the rounds of all processes, of each round's numerator / denominator. The two ran side by
-    side in their round, so each round's ratio is free of the machine's drift between rounds and between
-    processes, which a ratio of medians pooled over processes running at different speeds would not be."""
-    return statistics.median(
-        a / b for top, bottom in zip(numerator, denominator, strict=True) for a, b in zip(top, bottom, strict=True)
-    )
+    """The median of the round ratios (`round_ratios`) over the rounds of all processes."""
+    return statistics.median(r for process in round_ratios(numerator, denominator) for r in process)
 
 
 def ratio_interval(
     numerator: list[list[float]], denominator: list[list[float]], level: float = 0.95, resamples: int = 2000
 ) -> tuple[float, float]:
     """Bootstrap interval of `paired_ratio`. Each resample draws processes with replacement, then rounds with
-    replacement within each drawn process, a round's two candidates together."""
+    replacement within each drawn process (a round's ratio keeps its two candidates together)."""
     rng = random.Random(0)
+    per_process = round_ratios(numerator, denominator)
     ratios = []
     for _ in range(resamples):
-        top, bottom = [], []
-        for p in rng.choices(range(len(numerator)), k=len(numerator)):
-            rounds = rng.choices(range(len(numerator[p])), k=len(numerator[p]))
-            top.append([numerator[p][i] for i in rounds])
-            bottom.append([denominator[p][i] for i in rounds])
-        ratios.append(paired_ratio(top, bottom))
+        drawn = [
+            r for process in rng.choices(per_process, k=len(per_process)) for r in rng.choices(process, k=len(process))
+        ]
+        ratios.append(statistics.median(drawn))
     ratios.sort()
     tail = (1 - level) / 2
     return ratios[int(tail * resamples)], ratios[int((1 - tail) * resamples) - 1]
