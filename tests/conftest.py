@@ -73,6 +73,11 @@ def cli_error(argv: list[str], capsys) -> str:
     return err
 
 
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Everything under `root`: each file's bytes, None for each directory, by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

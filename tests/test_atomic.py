@@ -6,12 +6,9 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import tree
 
 from lorakit.atomic import atomic_dir, atomic_file, write_text_atomic
-
-
-def tree(root: Path) -> dict[str, bytes | None]:
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
 def test_a_failed_rename_leaves_the_old_entry_and_never_moves_the_others(tmp_path, monkeypatch):

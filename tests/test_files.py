@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import tree
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -335,7 +336,7 @@ def test_save_of_a_loaded_adapter_writes_the_same_tensors(tmp_path):
 def test_a_save_that_fails_midway_leaves_the_old_adapter_byte_identical(tmp_path, monkeypatch):
     directory = tmp_path / "adapter"
     lk.save_adapter(adapted(seed=1), directory)
-    old = {p.name: p.read_bytes() for p in directory.iterdir()}
+    old = tree(directory)
 
     def boom(tensors, filename, metadata=None):
         with open(filename, "wb") as f:  # half a file, then the crash
@@ -345,7 +346,7 @@ def test_a_save_that_fails_midway_leaves_the_old_adapter_byte_identical(tmp_path
     monkeypatch.setattr(lorakit.files, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         lk.save_adapter(adapted(seed=2), directory)
-    assert {p.name: p.read_bytes() for p in directory.iterdir()} == old
+    assert tree(directory) == old
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary directory left behind
     monkeypatch.undo()
     model = lk.load_adapter(build().eval(), directory)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SENTENCES, write_jsonl
+from conftest import SENTENCES, tree, write_jsonl
 from safetensors.torch import load_file
 
 import lorakit as lk
@@ -401,14 +401,14 @@ def test_new_run_into_an_out_with_checkpoints_is_refused_and_leaves_it_as_it_was
     out = tmp_path / "run"
     args = finetune_args(tiny_llama, word_data, out, "--steps", "2", "--batch-size", "8", "--save-every", "1")
     assert main(args) == 0
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = tree(out)
     capsys.readouterr()
     assert main([*args, "--lr", "1e-3"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"lorakit: error: {out} holds checkpoints of an earlier run (step-000001), which finished: add --resume to "
         f"continue it with more --steps, or remove {out / 'checkpoints'} (or choose another --out) to start over"
     ]
-    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert tree(out) == before
     (out / "train_config.json").unlink()  # as a run killed before its end leaves --out
     assert main(args) == 2
     assert "(step-000001): add --resume to continue it, or remove" in " ".join(capsys.readouterr().err.split())
