@@ -118,3 +118,13 @@ def test_cuda_rng_states_are_restored_in_device_order_past_ten_devices(tmp_path,
     saved = save_checkpoint(tmp_path, 1, *run_state(seed=1), {}, keep=1)
     load_checkpoint(saved, *run_state(seed=1))
     assert [int(state[0]) for state in restored] == list(range(devices))  # device 10 after 9, not after 1
+
+
+def test_saving_removes_what_a_killed_save_left_behind_and_nothing_else(tmp_path):
+    root = tmp_path / "checkpoints"
+    torn = root / ".step-000002.0123456789ab.tmp"  # the temporary directory of a save that a kill interrupted
+    torn.mkdir(parents=True)
+    (torn / WEIGHTS_NAME).write_bytes(b"half a checkpoint")
+    (root / ".notes").write_text("not lorakit's")
+    save_checkpoint(tmp_path, 3, *run_state(seed=1), {}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == [".notes", "step-000003"]

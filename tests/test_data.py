@@ -1,5 +1,7 @@
 """Reading, tokenizing and batching training data (lorakit.data)."""
 
+import json
+
 import pytest
 import torch
 
@@ -35,12 +37,33 @@ def test_custom_field_names(tmp_path):
         ("num.jsonl", '{"text": 5}\n', None, r"line 1: field 'text' must be text"),
         ("nolabel.csv", "text\nhello\n", "label", r"line 2 has no field 'label'"),
         ("labels.txt", "hello\n", "label", r"a plain text file has no label field"),
+        ("blank.jsonl", '{"text": "a"}\n{"text": " "}\n', None, r"line 2: field 'text' is empty"),
+        ("blank.csv", 'text\nhello\n""\n', None, r"line 3: field 'text' is empty"),
+        ("float.jsonl", '{"text": "a", "label": 0.5}\n', "label", r"must be text, an integer or true/false .*got 0.5"),
     ],
 )
 def test_bad_files_name_the_problem_and_the_line(tmp_path, name, content, label_field, message):
     (tmp_path / name).write_text(content)
     with pytest.raises(ValueError, match=message):
         read_records(tmp_path / name, label_field=label_field)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    bom = "\ufeff"
+    (tmp_path / "a.jsonl").write_text(bom + '{"text": "one"}\n', encoding="utf-8")
+    (tmp_path / "a.csv").write_text(bom + "text,label\none,pos\n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text(bom + "one\n", encoding="utf-8")
+    assert read_records(tmp_path / "a.jsonl") == [{"text": "one"}]
+    assert read_records(tmp_path / "a.csv", label_field="label") == [{"text": "one", "label": "pos"}]
+    assert read_records(tmp_path / "a.txt") == [{"text": "one"}]
+
+
+def test_only_line_breaks_end_a_line_not_unicode_separators_or_form_feeds(tmp_path):
+    texts = ["a\u2028b", "c\x85d", "e\x0cf"]  # line separator, next line, form feed: all str.splitlines() breaks
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    (tmp_path / "a.txt").write_text("\r\n".join(texts) + "\r\n")
+    assert read_records(tmp_path / "a.jsonl") == [{"text": t} for t in texts]
+    assert read_records(tmp_path / "a.txt") == [{"text": t} for t in texts]
 
 
 def test_missing_file(tmp_path):
@@ -77,3 +100,11 @@ def test_examples_are_truncated_to_max_length_and_labels_map_to_class_ids(tiny_l
     assert cls.labels == ["a", "b"] and [e.label for e in cls.examples] == [1, 0]
     with pytest.raises(ValueError, match="label 'c' is not one of the training labels"):
         TextDataset([{"text": "sun", "label": "c"}], tokenizer, "seq-cls", max_length=16, labels=cls.labels)
+
+
+def test_a_text_without_tokens_is_refused_by_name():
+    def tokenizer(texts, truncation, max_length):  # one that drops what it cannot encode
+        return {"input_ids": [[] if t == "\u200b" else [5, 6] for t in texts]}
+
+    with pytest.raises(ValueError, match=r"the text '\\u200b' has no tokens for this tokenizer"):
+        TextDataset([{"text": "fine"}, {"text": "\u200b"}], tokenizer, "causal-lm", max_length=8)

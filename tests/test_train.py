@@ -21,10 +21,12 @@ import lorakit as lk
 from lorakit.cli import main
 from lorakit.train import (
     Trainer,
+    json_line,
     keep_metrics_until,
     linear_schedule,
     load_model_and_tokenizer,
     local_model_dir,
+    max_positions,
     read_metrics,
 )
 
@@ -99,9 +101,10 @@ def test_schedule_checkpoint_pruning_and_rank_flags_do_what_they_say(tiny_llama,
     flags = ["--steps", "6", "--lr", "0.01", "--warmup-ratio", "0.5", "--save-every", "1", "--keep-checkpoints", "2"]
     assert main(finetune_args(tiny_llama, word_data, out, *flags, "--rank", "2")) == 0
     records = [r for r in read_metrics(out / "metrics.jsonl") if "lr" in r]
-    # logged after each step: the rate the next step uses, 3 warm-up steps then a linear decay to 0 at step 6
-    assert [r["lr"] for r in records] == pytest.approx([0.01 * linear_schedule(s, 3, 6) for s in range(1, 7)])
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+    # each step's rate: 3 warm-up steps, then a linear decay towards 0 at step 6
+    assert [r["lr"] for r in records] == pytest.approx([0.01 * linear_schedule(s, 3, 6) for s in range(6)])
+    assert records[-1]["lr"] > 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005", "step-000006"]  # the last too
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
 
 
@@ -266,6 +269,7 @@ def test_real_pretrained_minilm_learns_topics_from_chance_to_90_percent(tmp_path
         (lambda m, d, o: finetune_args(m, d.parent / "missing.jsonl", o), "no data file at"),
         (lambda m, d, o: finetune_args(m, d, o, "--r", "0"), "--r must be a positive integer"),
         (lambda m, d, o: finetune_args(m, d, o, "--max-length", "1"), "--max-length must be at least 2"),
+        (lambda m, d, o: finetune_args(m, d, o, "--lr", "inf"), "--lr must be a positive number, got inf"),
         (lambda m, d, o: finetune_args(m, d, o, "--text-field", "body"), "line 1 has no field 'body'"),
         (lambda m, d, o: finetune_args(m, d, o, "--task", "seq-cls"), "line 1 has no field 'label'"),
         (lambda m, d, o: finetune_args(m, d, o, "--batch-size", "1000"), "make no full step"),
@@ -285,6 +289,41 @@ def test_bad_input_exits_2_with_one_line_and_leaves_the_adapter_alone(
     assert message in err and err.startswith("lorakit: error:")
     assert (out / "adapter_model.safetensors").read_bytes() == b"the previous adapter"
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_seq_cls_with_a_single_label_is_refused(tiny_llama, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": "the cat sat", "label": "pets"}] * 8)
+    assert main(finetune_args(tiny_llama, data, tmp_path / "run", "--task", "seq-cls")) == 2
+    assert "seq-cls needs at least two different labels, and all are 'pets'" in capsys.readouterr().err
+
+
+def test_examples_are_cut_at_the_models_position_limit(tiny_llama, tmp_path):
+    words = " ".join(["the cat sat on the mat"] * 30)  # 180 words, beyond the tiny model's 64 positions
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": words}] * 8)
+    config = lk.TrainConfig(model=str(tiny_llama), data=str(data), out=str(tmp_path / "run"), max_length=256)
+    trainer = Trainer(config)
+    assert trainer.model.config.max_position_embeddings == 64
+    assert [len(e.input_ids) for e in trainer.train_set.examples] == [64] * 8
+    trainer.tokenizer.model_max_length = 16  # where the tokenizer's limit is the smaller one, it rules
+    assert max_positions(trainer.model, trainer.tokenizer) == 16
+
+
+def test_a_diverged_loss_is_logged_as_null_which_is_json():
+    line = json_line({"step": 3, "loss": float("nan"), "lr": float("inf"), "epoch": 0.5})
+    assert line == '{"step": 3, "loss": null, "lr": null, "epoch": 0.5}\n'
+    json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tiny_llama, word_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = finetune_args(tiny_llama, word_data, out, "--batch-size", "8", "--save-every", "1")
+    assert main([*args, "--steps", "2"]) == 0
+    before = tree(out)
+    capsys.readouterr()
+    assert main([*args, "--steps", "1", "--resume"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "step-000002 is at step 2, beyond this run's 1 steps: --resume needs --steps 2 or more" in err
+    assert tree(out) == before
 
 
 @pytest.mark.parametrize("bad_data", ['{"text": "ok"}\n{"text": broken\n', "\n"])
@@ -380,8 +419,8 @@ def test_resume_with_other_settings_takes_them_and_names_each_change(tiny_llama,
     changed = ["--steps", "3", "--lr", "1e-3", "--weight-decay", "0.1"]
     same = dict(model=str(tiny_llama), data=str(word_data), out=str(out), batch_size=8, save_every=1, lr_ratio=4)
     config = lk.TrainConfig(**same, steps=3, lr=1e-3, weight_decay=0.1, resume=True, progress=False)
-    optimizer = Trainer(config).optimizer  # resumed from step 1 of 3, no warm-up
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3 * 2 / 3, 4e-3 * 2 / 3])
+    optimizer = Trainer(config).optimizer  # resumed from the end of the first run, step 2 of 3, no warm-up
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3 / 3, 4e-3 / 3])
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.1]
     capsys.readouterr()
 
@@ -390,8 +429,8 @@ def test_resume_with_other_settings_takes_them_and_names_each_change(tiny_llama,
     expected = "(lr 0.0002 → 0.001; weight_decay 0.0 → 0.1; total_steps 2 → 3): this run will not match"
     assert f"warning: the checkpoint's run had other settings {expected}" in err
     lrs = {r["step"]: r["lr"] for r in read_metrics(out / "metrics.jsonl") if "lr" in r}
-    assert lrs[2] == pytest.approx(1e-3 * linear_schedule(2, 0, 3))  # the rate after step 2, from the new --lr
-    state = json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert lrs[3] == pytest.approx(1e-3 * linear_schedule(2, 0, 3))  # the rate of step 3, from the new --lr
+    state = json.loads((out / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
     assert state["run"]["lr"] == 1e-3 and state["param_groups"][0]["initial_lr"] == 1e-3
 
 
@@ -405,13 +444,13 @@ def test_new_run_into_an_out_with_checkpoints_is_refused_and_leaves_it_as_it_was
     capsys.readouterr()
     assert main([*args, "--lr", "1e-3"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"lorakit: error: {out} holds checkpoints of an earlier run (step-000001), which finished: add --resume to "
+        f"lorakit: error: {out} holds checkpoints of an earlier run (step-000002), which finished: add --resume to "
         f"continue it with more --steps, or remove {out / 'checkpoints'} (or choose another --out) to start over"
     ]
     assert tree(out) == before
     (out / "train_config.json").unlink()  # as a run killed before its end leaves --out
     assert main(args) == 2
-    assert "(step-000001): add --resume to continue it, or remove" in " ".join(capsys.readouterr().err.split())
+    assert "(step-000002): add --resume to continue it, or remove" in " ".join(capsys.readouterr().err.split())
 
 
 def test_checkpoint_of_another_rank_is_refused_and_the_adapter_left_as_it_was(tmp_path):

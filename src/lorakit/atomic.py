@@ -13,19 +13,24 @@ changes the umask, which is process-wide state other threads may rely on.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_file", "write_text_atomic"]
+__all__ = ["atomic_dir", "atomic_file", "remove_leftovers", "write_text_atomic"]
+
+
+TOKEN_HEX = 6  # bytes of randomness in a temporary name: 12 hex digits
+LEFTOVER = re.compile(rf"\..+\.[0-9a-f]{{{2 * TOKEN_HEX}}}\.(tmp|old)")  # a name _sibling makes
 
 
 def _sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
     """A new hidden entry `.NAME.RANDOM<suffix>` beside `path`, made by `create` (which must fail if it exists)."""
     while True:
-        candidate = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(TOKEN_HEX)}{suffix}"
         try:
             create(candidate)
         except FileExistsError:  # a 48-bit name taken: as good as never, but never overwrite
@@ -129,3 +134,15 @@ def _replace_entry(new: Path, target: Path) -> None:
         aside.rmdir()
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_leftovers(directory: str | os.PathLike) -> None:
+    """Removes the temporary siblings that writes into `directory` left behind when a kill interrupted them.
+    Only for a directory that one writer owns (a training run's checkpoints/): it would also remove the
+    temporary entries of another process's write in progress."""
+    directory = Path(directory)
+    for entry in directory.iterdir() if directory.is_dir() else []:
+        if LEFTOVER.fullmatch(entry.name) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif LEFTOVER.fullmatch(entry.name):
+            entry.unlink(missing_ok=True)

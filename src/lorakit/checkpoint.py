@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.atomic import atomic_dir
+from lorakit.atomic import atomic_dir, remove_leftovers
 from lorakit.files import WEIGHTS_NAME, check_adapter_tensors, read_json_object, read_safetensors, write_adapter
 from lorakit.model import adapter_parameters
 
@@ -80,6 +80,7 @@ def save_checkpoint(
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
     for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    remove_leftovers(path.parent)  # a checkpoint a kill interrupted earlier: as large as a whole one
     return path
 
 

@@ -20,7 +20,16 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "Example", "TextDataset", "collate", "epoch_order", "label_values", "read_records"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Example",
+    "TextDataset",
+    "collate",
+    "epoch_order",
+    "label_values",
+    "read_lines",
+    "read_records",
+]
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (padding)
 Task = Literal["causal-lm", "seq-cls"]
@@ -39,28 +48,36 @@ def read_records(path: str | os.PathLike, text_field: str = "text", label_field:
     else:
         if label_field is not None:
             raise ValueError(f"{path}: a plain text file has no label field; use JSONL or CSV for labelled data")
-        rows = [(n, {text_field: line}) for n, line in enumerate(_lines(path), start=1) if line.strip()]
+        rows = [(n, {text_field: line}) for n, line in enumerate(read_lines(path), start=1) if line.strip()]
     if not rows:
         raise ValueError(f"{path}: the dataset is empty")
     records = []
     for line, row in rows:
         record = {"text": _field(row, text_field, path, line, str)}
+        if not record["text"].strip():
+            raise ValueError(f"{path}: line {line}: field {text_field!r} is empty")
         if label_field is not None:
             record["label"] = _field(row, label_field, path, line, (str, int, bool))
         records.append(record)
     return records
 
 
-def _lines(path: Path) -> list[str]:
+# "utf-8-sig": a byte-order mark (Excel's CSV export, Windows editors) is not part of the first field
+ENCODING = "utf-8-sig"
+
+
+def read_lines(path: Path) -> list[str]:
+    """The file's lines. Only line breaks end a line (\\n, \\r\\n, \\r), not the other characters str.splitlines()
+    splits at (U+2028, form feed, ...), which JSON strings and texts may hold."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding=ENCODING).split("\n")  # text mode: \r\n and \r arrive as \n
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
-    for number, line in enumerate(_lines(path), start=1):
+    for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
         try:
@@ -75,7 +92,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding=ENCODING) as f:
             reader = csv.DictReader(f)
             return [(reader.line_num, row) for row in reader]
     except (csv.Error, UnicodeDecodeError) as error:
@@ -87,9 +104,8 @@ def _field(row: dict, name: str, path: Path, line: int, types: Any) -> Any:
         raise ValueError(f"{path}: line {line} has no field {name!r} (fields: {', '.join(map(str, row)) or 'none'})")
     value = row[name]
     if not isinstance(value, types):
-        raise ValueError(
-            f"{path}: line {line}: field {name!r} must be {'text' if types is str else 'text or a number'}"
-        )
+        what = "text" if types is str else "text, an integer or true/false (a class)"
+        raise ValueError(f"{path}: line {line}: field {name!r} must be {what}, got {value!r}")
     return value
 
 
@@ -119,6 +135,9 @@ class TextDataset:
         else:
             self.labels = None
         encoded = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)["input_ids"]
+        for ids, r in zip(encoded, records, strict=True):
+            if not ids:
+                raise ValueError(f"the text {r['text']!r} has no tokens for this tokenizer")
         self.examples = [
             Example(ids, index[r["label"]] if task == "seq-cls" else None)
             for ids, r in zip(encoded, records, strict=True)

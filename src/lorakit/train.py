@@ -25,6 +25,7 @@ import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +40,16 @@ from lorakit.atomic import write_text_atomic
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lorakit.config import LoraConfig
 from lorakit.console import make_console
-from lorakit.data import IGNORE_INDEX, Example, TextDataset, collate, epoch_order, label_values, read_records
+from lorakit.data import (
+    IGNORE_INDEX,
+    Example,
+    TextDataset,
+    collate,
+    epoch_order,
+    label_values,
+    read_lines,
+    read_records,
+)
 from lorakit.files import save_adapter
 from lorakit.model import adapter_parameters, inject, parameter_counts
 
@@ -71,7 +81,7 @@ class TrainConfig:
     steps: int | None = None  # overrides epochs
     batch_size: int = 8  # per process
     grad_accum: int = 1
-    max_length: int = 256
+    max_length: int = 256  # or the model's own limit, where that is smaller
     eval_data: str | None = None
     save_every: int = 0  # 0: only the final adapter
     keep_checkpoints: int = 2
@@ -86,8 +96,9 @@ class TrainConfig:
         checks = [
             (self.r, "--r", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
             (self.alpha, "--alpha", math.isfinite, "a finite number"),
-            (self.lr, "--lr", lambda v: v > 0, "positive"),
-            (self.lr_ratio, "--lr-ratio", lambda v: v > 0, "positive"),
+            (self.lr, "--lr", lambda v: 0 < v < math.inf, "a positive number"),
+            (self.lr_ratio, "--lr-ratio", lambda v: 0 < v < math.inf, "a positive number"),
+            (self.weight_decay, "--weight-decay", lambda v: 0 <= v < math.inf, "a number >= 0"),
             (self.dropout, "--dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
             (self.warmup_ratio, "--warmup-ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
             (self.epochs, "--epochs", lambda v: v > 0, "a positive integer"),
@@ -205,6 +216,15 @@ def load_model_and_tokenizer(path: str, task: str, num_labels: int | None) -> tu
     return model, tokenizer
 
 
+def max_positions(model: nn.Module, tokenizer: Any) -> int | None:
+    """The most tokens the model takes in one text: its position table's size, or the tokenizer's limit where
+    that is smaller (RoBERTa's table holds two extra rows), or None where neither says."""
+    # an unset model_max_length is a huge placeholder (transformers' VERY_LARGE_INTEGER)
+    found = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in found if isinstance(n, int) and 0 < n < 10**9]
+    return min(limits) if limits else None
+
+
 def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
@@ -255,14 +275,17 @@ class Trainer:
         records = read_records(config.data, config.text_field, label_field)
         eval_records = read_records(config.eval_data, config.text_field, label_field) if config.eval_data else None
         labels = label_values(records) if config.task == "seq-cls" else None
+        if labels is not None and len(labels) < 2:
+            raise ValueError(f"{config.data}: seq-cls needs at least two different labels, and all are {labels[0]!r}")
         torch.manual_seed(config.seed)
         self.model, self.tokenizer = load_model_and_tokenizer(
             config.model, config.task, len(labels) if labels else None
         )
-        self.train_set = TextDataset(records, self.tokenizer, config.task, config.max_length, labels)
-        self.eval_set = (
-            TextDataset(eval_records, self.tokenizer, config.task, config.max_length, labels) if eval_records else None
-        )
+        limit = max_positions(self.model, self.tokenizer)
+        max_length = config.max_length if limit is None else min(config.max_length, limit)
+        dataset = partial(TextDataset, tokenizer=self.tokenizer, task=config.task, max_length=max_length, labels=labels)
+        self.train_set = dataset(records)
+        self.eval_set = dataset(eval_records) if eval_records else None
         self.global_micro = config.batch_size * self.procs.world
         micro_per_epoch = len(self.train_set) // self.global_micro
         self.steps_per_epoch = micro_per_epoch // config.grad_accum
@@ -314,6 +337,11 @@ class Trainer:
         if not isinstance(then, dict):
             raise ValueError(f"{path}: its 'run' settings are not a JSON object")
         self.start_step = state["step"]
+        if self.start_step > self.total_steps:
+            raise ValueError(
+                f"{path} is at step {self.start_step}, beyond this run's {self.total_steps} steps: --resume needs "
+                f"--steps {self.start_step} or more"
+            )
         self._take_this_runs_rates()
         self.say(f"resumed from {path} (step {self.start_step} of {self.total_steps})")
         changed = [f"{key} {then[key]!r} → {value!r}" for key, value in now.items() if then.get(key, value) != value]
@@ -458,7 +486,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             # appended, not rewritten atomically: a line torn by a kill is dropped by read_metrics
             with (self.out / METRICS_NAME).open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_line(record))
 
     def checkpoint(self, step: int) -> None:
         if self.procs.main:
@@ -484,35 +512,37 @@ class Trainer:
         trainable, total = parameter_counts(self.model)
         self.say(f"LoRA r={config.r}, α={config.alpha:g}: {trainable:,} trainable of {total:,} parameters")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        loss = None
+        loss, finite_so_far = None, True
         if self.procs.main:
             keep_metrics_until(self.out / METRICS_NAME, self.start_step)
         if self.start_step == 0 and self.eval_set is not None:
             self.log({"step": 0, **self.evaluate()})
+        evaluation = None  # the eval of the last step, where it ran with a checkpoint
         with Progress(*columns, console=self.console, disable=not (config.progress and self.procs.main)) as bar:
             task = bar.add_task("training", total=self.total_steps, completed=self.start_step)
             for step in range(self.start_step, self.total_steps):
                 tick = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step's update (A; B: × lr_ratio)
                 loss, tokens = self.train_step(step)
                 speed = tokens / max(time.perf_counter() - tick, 1e-9)
                 done = step + 1
-                self.log(
-                    {
-                        "step": done,
-                        "epoch": round(done / self.steps_per_epoch, 4),
-                        "loss": loss,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "tokens_per_second": round(speed, 1),
-                    }
-                )
+                if not math.isfinite(loss) and finite_so_far:
+                    self.say(f"warning: the loss is {loss} at step {done}: the adapter has diverged (try a lower --lr)")
+                    finite_so_far = False
+                record = {"step": done, "epoch": round(done / self.steps_per_epoch, 4), "loss": loss, "lr": lr}
+                self.log({**record, "tokens_per_second": round(speed, 1)})
                 bar.update(task, advance=1, description=f"loss {loss:.4f} · {speed:,.0f} tok/s")
-                if config.save_every and done % config.save_every == 0 and done < self.total_steps:
-                    if self.eval_set is not None:
-                        self.log({"step": done, **self.evaluate()})
+                # the last step too, so that a finished run can go on with more --steps from where it ended
+                if config.save_every and (done % config.save_every == 0 or done == self.total_steps):
+                    evaluation = self.evaluate()
+                    if evaluation:
+                        self.log({"step": done, **evaluation})
                     self.checkpoint(done)
-        evaluation = self.evaluate()
+        if evaluation is None:
+            evaluation = self.evaluate()
+            if evaluation and self.start_step < self.total_steps:  # resumed at the end: its eval is in the log
+                self.log({"step": self.total_steps, **evaluation})
         if evaluation:
-            self.log({"step": self.total_steps, **evaluation})
             self.say("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
         if self.procs.main:
             save_adapter(self.model, self.out, base_model_name_or_path=config.model)
@@ -543,7 +573,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     A last line that is not valid JSON is dropped: it is the one a run killed mid-write left torn. Any
     other bad line is a ValueError naming the file and the line.
     """
-    lines = [(n, line) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(read_lines(Path(path)), 1) if line.strip()]
     records = []
     for k, (number, line) in enumerate(lines):
         try:
@@ -558,12 +588,19 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """One line of standard JSON: a NaN or infinite value (a diverged loss) is written as null, since
+    Python's NaN / Infinity literals are not JSON and other readers (jq, pandas) reject them."""
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
 def keep_metrics_until(path: Path, step: int) -> None:
     """Where a run starts: keep the log lines up to the checkpoint it resumes from (none when it starts from
     step 0), dropping the interrupted or earlier run's tail and any torn last line."""
     if path.is_file():
         kept = [record for record in read_metrics(path) if record.get("step", 0) <= step] if step else []
-        write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+        write_text_atomic(path, "".join(json_line(record) for record in kept))
 
 
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:

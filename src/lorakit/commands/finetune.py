@@ -34,7 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     data.add_argument("--text-field", default="text", metavar="NAME", help="the text field of JSONL/CSV rows")
     data.add_argument("--label-field", default="label", metavar="NAME", help="the label field (seq-cls)")
-    data.add_argument("--max-length", type=int, default=256, metavar="N", help="truncate examples to N tokens")
+    data.add_argument(
+        "--max-length",
+        type=int,
+        default=256,
+        metavar="N",
+        help="cut examples to N tokens, or to the model's own limit where that is smaller (default 256)",
+    )
     lora = p.add_argument_group("LoRA")
     lora.add_argument(
         "--targets",
@@ -73,7 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="write an atomic checkpoint every N steps (default 0: none)",
+        help="write an atomic checkpoint every N steps and after the last (default 0: none)",
     )
     run_group.add_argument("--keep-checkpoints", type=int, default=2, metavar="K", help="keep the newest K (default 2)")
     run_group.add_argument(
