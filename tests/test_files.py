@@ -338,12 +338,12 @@ def test_a_save_that_fails_midway_leaves_the_old_adapter_byte_identical(tmp_path
     lk.save_adapter(adapted(seed=1), directory)
     old = tree(directory)
 
-    def boom(tensors, filename, metadata=None):
+    def boom(tensors, filename):
         with open(filename, "wb") as f:  # half a file, then the crash
             f.write(b"\x00" * 16)
         raise OSError("disk full")
 
-    monkeypatch.setattr(lorakit.files, "save_file", boom)
+    monkeypatch.setattr(lorakit.files, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         lk.save_adapter(adapted(seed=2), directory)
     assert tree(directory) == old
@@ -354,10 +354,10 @@ def test_a_save_that_fails_midway_leaves_the_old_adapter_byte_identical(tmp_path
 
 
 def test_a_failed_first_save_leaves_nothing_behind(tmp_path, monkeypatch):
-    def boom(tensors, filename, metadata=None):
+    def boom(tensors, filename):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lorakit.files, "save_file", boom)
+    monkeypatch.setattr(lorakit.files, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         lk.save_adapter(adapted(), tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []
@@ -384,10 +384,10 @@ def test_a_failed_resave_keeps_other_files_too(tmp_path, monkeypatch):
     lk.save_adapter(adapted(seed=1), directory)
     (directory / "notes.txt").write_text("keep me")
 
-    def boom(tensors, filename, metadata=None):
+    def boom(tensors, filename):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lorakit.files, "save_file", boom)
+    monkeypatch.setattr(lorakit.files, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         lk.save_adapter(adapted(seed=2), directory)
     assert sorted(p.name for p in directory.iterdir()) == sorted([CONFIG, WEIGHTS, "notes.txt"])
@@ -630,3 +630,13 @@ def test_every_safetensors_reader_refuses_a_bad_file_with_the_same_error_naming_
     ):
         with pytest.raises(ValueError, match=message):
             read()
+
+
+def test_saved_files_get_the_permissions_of_a_plain_open(tmp_path):
+    import stat
+
+    (tmp_path / "plain").write_text("x")
+    model = lk.inject(nn.Sequential(nn.Linear(4, 3)), lk.LoraConfig(r=2, target_modules=["0"]))
+    saved = lk.save_adapter(model, tmp_path / "adapter")
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert mode(saved / "adapter_model.safetensors") == mode(saved / "adapter_config.json") == mode(tmp_path / "plain")

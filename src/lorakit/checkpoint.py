@@ -17,11 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.atomic import atomic_dir, remove_leftovers
-from lorakit.files import WEIGHTS_NAME, check_adapter_tensors, read_json_object, read_safetensors, write_adapter
+from lorakit.files import (
+    WEIGHTS_NAME,
+    check_adapter_tensors,
+    read_json_object,
+    read_safetensors,
+    write_adapter,
+    write_safetensors,
+)
 from lorakit.model import adapter_parameters
 
 __all__ = ["checkpoint_dirs", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -76,7 +82,7 @@ def save_checkpoint(
     path = Path(out) / "checkpoints" / f"step-{step:06d}"
     with atomic_dir(path) as tmp:
         write_adapter(model, tmp)
-        save_file(tensors, tmp / TENSORS_NAME)
+        write_safetensors(tensors, tmp / TENSORS_NAME)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
     for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

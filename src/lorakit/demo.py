@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from safetensors.torch import save_file
 from torch import nn
 
 import lorakit as lk
 from lorakit import lowrank
 from lorakit.atomic import atomic_file, write_text_atomic
 from lorakit.console import make_console
+from lorakit.files import write_safetensors
 from lorakit.plots import error_bars_plot, loss_plot, spectrum_plot
 from lorakit.report import write_report
 
@@ -321,7 +321,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
     adapter_dir = lk.save_adapter(model, out / "adapter", adapter="default")
     adapter_bytes = sum(f.stat().st_size for f in adapter_dir.iterdir())
     with atomic_file(out / "base_model.safetensors") as tmp:
-        save_file(original_state, tmp)
+        write_safetensors(original_state, tmp)
     base_bytes = (out / "base_model.safetensors").stat().st_size
     say(
         f"merged outputs differ from unmerged by at most {merged_max_abs_diff:.1e} in float64 "

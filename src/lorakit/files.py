@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from lorakit.atomic import atomic_dir
@@ -53,6 +53,7 @@ __all__ = [
     "save_adapter",
     "write_adapter",
     "write_adapter_files",
+    "write_safetensors",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -152,7 +153,7 @@ def write_adapter(
 def write_adapter_files(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """adapter_model.safetensors and adapter_config.json (PEFT's config dict) into an existing directory."""
     tensors = {key: t.detach().contiguous().cpu() for key, t in tensors.items()}
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    write_safetensors(tensors, directory / WEIGHTS_NAME)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -189,6 +190,12 @@ def open_safetensors(path: Path) -> Iterator[Any]:
             yield f
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A .safetensors file, created with the permissions a plain open() gives (safetensors' own save_file makes
+    it readable by its owner alone). Write it inside an atomic_file / atomic_dir."""
+    path.write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
