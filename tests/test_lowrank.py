@@ -70,6 +70,16 @@ def test_rank_respects_explicit_tolerance():
     assert lowrank.rank(M, tol=5.0) == 1
 
 
+def test_rank_measures_of_a_matrix_near_float_max_do_not_overflow():
+    M = torch.tensor([[1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [0.0, 0.0, 1e-3]], dtype=torch.float64)
+    huge = M * 1e308 / 2  # σ_max ≈ 7e307: finite, but σ_max · 3, Σσ and σ² are not
+    assert lowrank.rank(huge) == lowrank.rank(M) == np.linalg.matrix_rank(huge.numpy()) == 3
+    assert lowrank.effective_rank(huge) == pytest.approx(lowrank.effective_rank(M))
+    torch.testing.assert_close(lowrank.energy(huge), lowrank.energy(M))
+    assert lowrank.rank_for_energy(huge, 0.99) == lowrank.rank_for_energy(M, 0.99) == 2
+    assert lowrank.approx_error(huge, 2) == pytest.approx(lowrank.approx_error(M, 2) * 1e308 / 2)
+
+
 @settings(max_examples=40, deadline=None)
 @given(matrices)
 def test_effective_rank_is_exp_entropy_of_normalised_singular_values(M):

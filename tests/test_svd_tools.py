@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import build_tiny_gpt2, build_tiny_llama, cli_error, run_cli
 from peft import PeftModel
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit as lk
@@ -642,6 +642,20 @@ def extract_sharded(directory, **damage) -> list[str]:
     ]
 
 
+def damaged_adapter(directory, config: dict | None = None, **factors: torch.Tensor) -> str:
+    """A saved rank-2 adapter on one 8 × 6 layer with some of its factors (`lora_A`, `lora_B`) or config
+    entries replaced."""
+    path = directory / "damaged"
+    adapter({"w": random_factors(8, 6, 2, seed=1)}).save(path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    for name, tensor in factors.items():
+        tensors[f"base_model.model.w.{name}.weight"] = tensor
+    save_file(tensors, path / "adapter_model.safetensors")
+    config_path = path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **(config or {})}))
+    return str(path)
+
+
 def saved_narrow(directory) -> str:
     """An adapter of r = 16 on an 8 × 40 layer."""
     adapter({"narrow": random_factors(8, 40, 16, seed=5)}, alpha=16.0).save(directory / "narrow")
@@ -727,6 +741,39 @@ BAD_INPUT = {
         lambda d: ["combine", *saved_unequal(d), "--method", "cat", "--rank", "2"],
         "a rank only applies to method 'svd'",
     ),
+    "combine-weights-not-finite": (
+        lambda d: ["combine", *saved_unequal(d), "--weights", "inf", "1"],
+        "weights must be finite numbers, got [inf, 1.0]",
+    ),
+    "shard-outside-the-directory": (
+        lambda d: extract_sharded(d, index=json.dumps({"weight_map": {"w.weight": "../t.safetensors"}})),
+        "names a shard outside its directory: '../t.safetensors'",
+    ),
+    "extract-targets-bad-regex": (
+        lambda d: extract_args(d, {"w.weight": W}, {"w.weight": W + 1}, "--rank", "1", "--targets", "["),
+        "invalid regular expression '['",
+    ),
+    "extract-energy-nan": (
+        lambda d: extract_args(d, {"w.weight": W}, {"w.weight": W + float("nan")}, "--energy", "0.5"),
+        "contains NaN or inf",
+    ),
+    "inspect-factors-of-two-ranks": (
+        lambda d: ["inspect", damaged_adapter(d, lora_B=torch.zeros(8, 3))],
+        "are not the two factors of one rank-r update",
+    ),
+    "inspect-rank-0": (
+        lambda d: ["inspect", damaged_adapter(d, lora_A=torch.zeros(0, 6), lora_B=torch.zeros(8, 0))],
+        "are not the two factors of one rank-r update",
+    ),
+    "inspect-1d-factor": (lambda d: ["inspect", damaged_adapter(d, lora_A=torch.zeros(4))], "are not the two factors"),
+    "resize-inf-factor": (
+        lambda d: ["resize", damaged_adapter(d, lora_A=torch.full((2, 6), math.inf)), "--rank", "1"],
+        "holds NaN or inf",
+    ),
+    "inspect-rank-pattern-not-a-dict": (
+        lambda d: ["inspect", damaged_adapter(d, config={"rank_pattern": [1]})],
+        "rank_pattern must map module patterns to values, got [1]",
+    ),
     "inspect-missing": (lambda d: ["inspect", str(d / "nope")], "no adapter directory"),
     "compare-missing": (lambda d: ["compare", saved_small(d, "a"), str(d / "nope")], "no adapter directory"),
 }
@@ -778,3 +825,16 @@ def test_api_checks_the_rank_and_energy_arguments_before_reading_anything(tmp_pa
         lk.combine([nowhere, nowhere], r=-1)
     with pytest.raises(ValueError, match="a rank only applies to method 'svd'"):
         lk.combine([nowhere, nowhere], method="cat", r=2)
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `lorakit inspect --json | head -c1` once head has exited
+    with os.fdopen(write_end, "wb") as closed:
+        argv = [sys.executable, "-m", "lorakit", "inspect", saved_small(tmp_path, "a"), "--json"]
+        result = subprocess.run(argv, stdout=closed, stderr=subprocess.PIPE, text=True)
+    assert (result.returncode, result.stderr) == (1, "")

@@ -336,6 +336,36 @@ def test_malformed_or_empty_data_exits_2(tiny_llama, tmp_path, capsys, bad_data)
     assert not (tmp_path / "run").exists()
 
 
+def test_a_model_in_pickle_format_is_refused_not_unpickled(tiny_llama, word_data, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    model_dir = Path(shutil.copytree(tiny_llama, tmp_path / "pickled"))
+    state = load_file(model_dir / "model.safetensors")
+    (model_dir / "model.safetensors").unlink()
+    torch.save(state, model_dir / "pytorch_model.bin")
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: pytest.fail("a pickle was read"))
+    assert main(finetune_args(model_dir, word_data, tmp_path / "run")) == 2
+    assert f"lorakit: error: cannot load the model or tokenizer from {model_dir}" in capsys.readouterr().err
+
+
+def test_a_config_transformers_rejects_is_one_error_line(tiny_llama, word_data, tmp_path, capsys):
+    import shutil
+
+    model_dir = Path(shutil.copytree(tiny_llama, tmp_path / "bad-config"))
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "hidden_size": -3}))
+    assert main(finetune_args(model_dir, word_data, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit: error: cannot load the model or tokenizer from {model_dir}: ")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_an_out_that_is_a_file_is_refused_before_training(tiny_llama, word_data, tmp_path, capsys):
+    (tmp_path / "run").write_text("not a directory")
+    assert main(finetune_args(tiny_llama, word_data, tmp_path / "run")) == 2
+    assert capsys.readouterr().err.strip() == f"lorakit: error: --out {tmp_path / 'run'} exists and is not a directory"
+
+
 def test_a_model_path_under_the_home_directory_is_expanded(tiny_llama, tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "tiny").symlink_to(tiny_llama, target_is_directory=True)

@@ -7,6 +7,7 @@ does for bad flags; tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args, parser)
+    except BrokenPipeError:  # the reader went away (`lorakit inspect --json | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails once more
+        return 1  # as rich does for what it prints, and Python for a closed pipe
     except (ValueError, OSError) as error:
         message = str(error) or type(error).__name__
         print(f"lorakit: error: {message}", file=sys.stderr)

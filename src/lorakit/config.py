@@ -70,6 +70,9 @@ class LoraConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.modules_to_save, tuple | set):
             self.modules_to_save = sorted(self.modules_to_save)
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must map module patterns to values, got {getattr(self, name)!r}")
         # PEFT writes the config with sorted keys and resolves patterns first-match on load, so lorakit
         # resolves them in sorted order too: the same layer gets the same rank in memory and after a reload
         self.rank_pattern = dict(sorted(self.rank_pattern.items()))
@@ -150,7 +153,10 @@ def targets_from_text(text: str | None) -> list[str] | str | None:
     """A command line's --targets: names separated by commas ("q_proj" or "q_proj,v_proj") become a list of
     names; text with regex syntax ("^*+?{}[]()|\\$") stays one regex matched against the whole path, and
     "all-linear" stays itself."""
-    if text is None or text == ALL_LINEAR or any(char in REGEX_SYNTAX for char in text):
+    if text is None or text == ALL_LINEAR:
+        return text
+    if any(char in REGEX_SYNTAX for char in text):
+        _check_regex(text)
         return text
     return [name.strip() for name in text.split(",") if name.strip()]
 

@@ -84,7 +84,7 @@ def default_tolerance(S: torch.Tensor, shape: tuple[int, ...]) -> float:
     """numpy's `matrix_rank` threshold: σ_max · max(m, n) · eps of S's dtype (the precision S was computed in)."""
     if S.numel() == 0:
         return 0.0
-    return float(S.max()) * max(shape) * torch.finfo(S.dtype).eps
+    return float(S.max()) * (max(shape) * torch.finfo(S.dtype).eps)  # in this order: σ_max · max(m, n) can overflow
 
 
 def rank(M: torch.Tensor, tol: float | None = None) -> int:
@@ -122,19 +122,19 @@ def rank_of_spectrum(S: torch.Tensor, shape: tuple[int, ...], tol: float | None 
 
 
 def effective_rank_of_spectrum(S: torch.Tensor) -> float:
-    total = S.sum()
-    if total == 0:
+    if S.numel() == 0 or S.max() == 0:
         return 0.0
-    p = S / total
+    S = S / S.max()  # scale-free, and Σσ of a matrix with entries near float max would overflow
+    p = S / S.sum()
     p = p[p > 0]
     return math.exp(float(-(p * p.log()).sum()))
 
 
 def energy_of_spectrum(S: torch.Tensor) -> torch.Tensor:
-    squares = S.square()
-    total = squares.sum()
-    if total == 0:
+    if S.numel() == 0 or S.max() == 0:
         return torch.ones_like(S)
+    squares = (S / S.max()).square()  # scale-free, and σ² overflows from σ ≈ 1e154 (float64) on
+    total = squares.sum()
     # round-off can push the partial sums a hair past 1 before the end: clamp, and make the last exact
     curve = (squares.cumsum(0) / total).clamp_(max=1.0)
     curve[-1] = 1.0
@@ -190,7 +190,7 @@ def approx_error(M: torch.Tensor, r: int) -> float:
     """‖M − approx(M, r)‖_F = sqrt(σ_{r+1}² + … + σ_k²), the smallest error any rank-r matrix can have."""
     M = as_matrix(M)
     _check_rank_arg(r, M)
-    return float(torch.linalg.svdvals(M)[r:].square().sum().sqrt())
+    return float(torch.linalg.vector_norm(torch.linalg.svdvals(M)[r:]))  # scaled inside: no overflow of σ²
 
 
 def factors(

@@ -123,6 +123,7 @@ class AdapterState:
                     B = self.tensors.get(stem + b_suffix)
                     if B is None:
                         raise ValueError(f"adapter has {key} but no {stem + b_suffix}")
+                    _check_factors(key, A, stem + b_suffix, B)
                     r = A.shape[0]
                     scale = config.scale_for(path, r)  # the stored rank decides, whatever the patterns say
                     found.append(
@@ -145,6 +146,18 @@ class AdapterState:
                 "lorakit's SVD tools work on the factors alone"
             )
         return found
+
+
+def _check_factors(key_A: str, A: torch.Tensor, key_B: str, B: torch.Tensor) -> None:
+    """Refuses tensors that are not the two factors of one rank-r update: A (r × in ...), B (out × r [× 1 ...]),
+    r ≥ 1, all finite."""
+    r = A.shape[0] if A.dim() >= 2 else 0
+    if r == 0 or B.dim() < 2 or B.shape[1] != r or B[0].numel() != r:
+        raise ValueError(
+            f"{key_A} {tuple(A.shape)} and {key_B} {tuple(B.shape)} are not the two factors of one rank-r update"
+        )
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise ValueError(f"{key_A} or {key_B} holds NaN or inf")
 
 
 def _is_factor_key(key: str) -> bool:
@@ -302,6 +315,9 @@ def _shards(index: Path) -> dict[str, Path]:
     weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
         raise ValueError(f'{index} has no "weight_map" object of tensor names to shard files')
+    outside = [name for name in weight_map.values() if Path(name).name != name]
+    if outside:
+        raise ValueError(f"{index} names a shard outside its directory: {outside[0]!r}")
     files = {key: index.parent / name for key, name in weight_map.items()}
     held = {shard: set(_keys(shard)) for shard in dict.fromkeys(files.values())}
     for key, shard in files.items():
@@ -327,7 +343,7 @@ def module_kinds(model_dir: Path) -> dict[str, str]:
             return {}
         with torch.device("meta"):
             model = architecture._from_config(config)
-    except (OSError, ValueError, TypeError, AttributeError):
+    except Exception:  # whatever transformers raises on a config it cannot build: no kinds known
         return {}
     kinds = {}
     for name, module in model.named_modules():
@@ -387,6 +403,7 @@ def extract(
             delta = delta.mT  # as the update's (out × in): Embedding's ΔW = (BA)ᵀ, Conv1D stores (in × out)
         shape = tuple(delta.shape)
         where = f"layer {path} ({shape[0]} × {shape[1]})"
+        delta = lowrank.as_matrix(delta, f"the update of {where}")  # refuses NaN or inf before any SVD
         if energy is not None:  # the rank depends on the whole spectrum: one full SVD serves both
             U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
             k = chosen_rank(S, min(shape), r, energy, where)
@@ -461,6 +478,8 @@ def combine(
     weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(weights) != len(adapters):
         raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite numbers, got {weights}")
     if method not in ("svd", "cat", "linear"):
         raise ValueError(f"method must be 'svd', 'cat' or 'linear', got {method!r}")
     if r is not None:

@@ -197,12 +197,16 @@ def load_model_and_tokenizer(path: str, task: str, num_labels: int | None) -> tu
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        # safetensors only: a pytorch_model.bin is a pickle, which can run code when it is read
         if task == "seq-cls":
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, use_safetensors=True
+            )
         else:
-            model = AutoModelForCausalLM.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"cannot load the model or tokenizer from {path}: {str(error).splitlines()[0]}") from None
+            model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
+    except Exception as error:  # transformers raises many kinds; each means this directory is bad
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"cannot load the model or tokenizer from {path}: {first_line}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
@@ -259,6 +263,8 @@ class Trainer:
         self.console = console or make_console(stderr=True)
         self.procs = start_processes()
         self.out = Path(config.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} exists and is not a directory")
         # everything that can fail on bad input happens here, before any file is written
         # A new run into an --out with checkpoints: a later --resume would take up the earlier run's as its own.
         # Rank 0 writes, so its --out decides, for every rank at once (each node may have an --out of its own).
