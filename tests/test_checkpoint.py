@@ -80,6 +80,18 @@ DAMAGE = {
         lambda c: rewrite_json(c / STATE_NAME, lambda s: s.pop("scheduler")),
         rf"{STATE_NAME} is not a usable checkpoint state: no 'scheduler'",
     ),
+    "scheduler state without its lambdas": (
+        lambda c: rewrite_json(c / STATE_NAME, lambda s: s["scheduler"].pop("lr_lambdas")),
+        rf"{STATE_NAME} is not a usable checkpoint state: no 'lr_lambdas'",
+    ),
+    "text for a number": (
+        lambda c: rewrite_json(c / STATE_NAME, lambda s: s["param_groups"][0].update(eps="x")),
+        r"param_groups\[0\]\.eps is 'x', not a number",
+    ),
+    "one beta": (
+        lambda c: rewrite_json(c / STATE_NAME, lambda s: s["param_groups"][0].update(betas=[0.9])),
+        r"param_groups\[0\]\.betas is \[0\.9\], where this run has 2 values",
+    ),
     "other optimizer groups": (
         lambda c: rewrite_json(c / STATE_NAME, lambda s: s["param_groups"].append(s["param_groups"][0])),
         rf"{STATE_NAME} is not a usable checkpoint state: parameter groups of sizes",

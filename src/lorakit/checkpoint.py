@@ -11,6 +11,7 @@ always usable. Nothing is pickled: tensors go to safetensors and everything else
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -114,29 +115,58 @@ def load_checkpoint(
         if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 0:
             raise ValueError(f"step {state['step']!r} is not a step count")
         optimizer_state = _optimizer_state(state, tensors, optimizer)
+        _check_like(optimizer_state["param_groups"], optimizer.state_dict()["param_groups"], "param_groups")
         scheduler_state = state["scheduler"]
-        if not isinstance(scheduler_state, dict):
-            raise ValueError("'scheduler' is not a JSON object")
+        _check_like(scheduler_state, scheduler.state_dict(), "scheduler")
     except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise ValueError(f"{path / STATE_NAME} is not a usable checkpoint state: {_describe(error)}") from None
     try:
         cpu_rng, cuda_rngs = _rng_states(tensors)
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path / TENSORS_NAME} holds no usable RNG states: {_describe(error)}") from None
-    # everything is read and checked: restore
-    with torch.no_grad():
-        for key, p in params.items():
-            p.copy_(weights[key])
-    optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(scheduler_state)
+    # everything is read and checked: restore, and should torch still refuse a state, undo what was restored
+    before = ({k: p.detach().clone() for k, p in params.items()}, copy.deepcopy(optimizer.state_dict()))
+    scheduler_before = copy.deepcopy(scheduler.state_dict())
+    try:
+        _restore(params, weights, optimizer, optimizer_state, scheduler, scheduler_state)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+        _restore(params, before[0], optimizer, before[1], scheduler, scheduler_before)
+        raise ValueError(f"{path / STATE_NAME} is not a usable checkpoint state: {_describe(error)}") from None
     torch.set_rng_state(cpu_rng)
     if torch.cuda.is_available() and len(cuda_rngs) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_rngs)
     return state
 
 
+def _restore(params, weights, optimizer, optimizer_state, scheduler, scheduler_state) -> None:
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(weights[key])
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+
+
 def _describe(error: Exception) -> str:
     return f"no {error}" if isinstance(error, KeyError) else str(error)
+
+
+def _check_like(saved: Any, current: Any, where: str) -> None:
+    """Refuses saved state (JSON) whose values differ from this run's own in kind: a list of another length,
+    text for a number, and so on, which torch would take and then fail on at the first step. Keys only one
+    side has are left to torch (another version of it may save a key more or less)."""
+    if isinstance(current, dict) and isinstance(saved, dict):
+        for key in current.keys() & saved.keys():
+            _check_like(saved[key], current[key], f"{where}.{key}")
+    elif isinstance(current, list | tuple):
+        if not isinstance(saved, list | tuple) or len(saved) != len(current):
+            raise ValueError(f"{where} is {saved!r}, where this run has {len(current)} values")
+        for i, (a, b) in enumerate(zip(saved, current, strict=True)):
+            _check_like(a, b, f"{where}[{i}]")
+    elif isinstance(current, dict | bool | str):
+        if type(saved) is not type(current):
+            raise ValueError(f"{where} is {saved!r}, where this run has {current!r}")
+    elif isinstance(current, int | float) and (isinstance(saved, bool) or not isinstance(saved, int | float)):
+        raise ValueError(f"{where} is {saved!r}, not a number")
 
 
 def _optimizer_state(
