@@ -158,3 +158,27 @@ def test_functional_call_substitutes_the_parameters():
     y = torch.func.functional_call(layer, params, (x,))
     W, b, A, B = params["base.weight"], params["base.bias"], params["lora_A.default"], params["lora_B.default"]
     torch.testing.assert_close(y, x @ W.T + b + SCALE * (x @ A.T) @ B.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_hooks_on_the_base_layer_run_and_take_effect(grad):
+    layer = lora_linear()
+    x = torch.randn(4, IN, dtype=torch.float64, requires_grad=grad)
+    calls = []
+    layer.base.register_forward_pre_hook(lambda module, args: (args[0] * 2,))  # changes the base's input
+    layer.base.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    W, b = layer.base.weight, layer.base.bias
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    torch.testing.assert_close(y, (2 * x) @ W.T + b + SCALE * (x @ A.T) @ B.T, rtol=1e-12, atol=1e-12)
+    assert calls == [(4, OUT)]
+
+
+def test_a_forward_replaced_on_the_base_instance_is_called():
+    layer = lora_linear()
+    original = layer.base.forward
+    layer.base.forward = lambda x: original(x) + 1  # as accelerate's hooks do
+    x = torch.randn(4, IN, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), formula(layer, x) + 1, rtol=1e-12, atol=1e-12)

@@ -472,3 +472,13 @@ def test_command_line_targets_are_names_unless_written_as_a_regex(net):
     assert targets_from_text(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
     assert targets_from_text(r"layers\.\d{1,2}\.mlp\..*") == r"layers\.\d{1,2}\.mlp\..*"  # its comma stays
     assert targets_from_text(None) is None
+
+
+def test_multihead_attention_out_proj_is_refused_by_name_and_skipped_by_all_linear():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    with pytest.raises(ValueError, match=r"self_attn.out_proj is the out_proj of an nn.MultiheadAttention"):
+        lk.inject(copy.deepcopy(layer), lk.LoraConfig(r=2, target_modules=["out_proj"]))
+    model = lk.inject(layer, lk.LoraConfig(r=2, target_modules="all-linear", init=False))
+    assert [name for name, _ in lk.model.lora_layers(model)] == ["linear1", "linear2"]
+    model(torch.randn(3, 5, 8))  # runs: MultiheadAttention still finds out_proj.weight and .bias

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks  # the hooks registered for all modules
 
 __all__ = [
     "LoraConv",
@@ -308,8 +309,30 @@ class LoraLinear(LoraLayer):
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
 
+    def base_runs_alone(self) -> bool:
+        """Whether calling the base module would run its forward and nothing else: no hooks on it or on every
+        module (what nn.Module.__call__ checks), and no forward replaced on the instance (accelerate's
+        offloading does that; old-style weight_norm computes the weight in a pre-hook). Only then may the fused
+        path compute the base layer itself."""
+        base = self.base
+        return not (
+            base._forward_hooks
+            or base._forward_pre_hooks
+            or base._backward_hooks
+            or base._backward_pre_hooks
+            or module_hooks._global_forward_hooks
+            or module_hooks._global_forward_pre_hooks
+            or module_hooks._global_backward_hooks
+            or module_hooks._global_backward_pre_hooks
+            or "forward" in base.__dict__
+        )
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.fusable and not (args or kwargs or self.disabled or self.routing is not None):
+        if (
+            self.fusable
+            and not (args or kwargs or self.disabled or self.routing is not None)
+            and self.base_runs_alone()
+        ):
             active = self.active_adapters
             if not self.merged_adapters:
                 if len(active) == 1:

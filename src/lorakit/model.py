@@ -103,18 +103,34 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def weights_read_directly(model: nn.Module) -> set[str]:
+    """Paths of Linear layers whose parent reads their weight itself instead of calling them: an adapter there
+    would never run. (nn.MultiheadAttention's out_proj: its forward passes out_proj.weight to a function.)"""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """The paths of the modules `config` puts adapters on; a clear error when there are none."""
-    head = output_head(model)
+    head, never_called = output_head(model), weights_read_directly(model)
     found = []
     for name, module in candidate_modules(model):
         base = _unwrapped(module)
         if config.target_modules == ALL_LINEAR:
             hit = (isinstance(base, nn.Linear) or is_conv1d(base)) and base is not head and module is not head
+            hit = hit and name not in never_called
         else:
             hit = matches_target(config.target_modules, name)
         # a module inside a full trainable copy (modules_to_save) gets no adapter of its own, as in PEFT
         excluded = matches_target(config.exclude_modules, name) or within_target(config.modules_to_save, name)
+        if hit and not excluded and name in never_called:
+            raise ValueError(
+                f"{name} is the out_proj of an nn.MultiheadAttention, which uses its weight without calling it: "
+                "an adapter there would have no effect"
+            )
         if hit and not excluded:
             found.append(name)
     if not found:
