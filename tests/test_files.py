@@ -506,6 +506,7 @@ BAD_INPUTS = {
     "config-not-an-object": (lambda d: (d / CONFIG).write_text("[1, 2]"), ValueError, "must hold a JSON object"),
     "ia3": (_edit_config(peft_type="IA3"), ValueError, "peft_type is 'IA3'; lorakit reads LoRA adapters only"),
     "dora": (_edit_config(use_dora=True), ValueError, "use_dora=True is not supported"),
+    "alora": (_edit_config(alora_invocation_tokens=[7]), ValueError, r"alora_invocation_tokens=\[7\] is not supported"),
     "bad-rank": (_edit_config(r=0), ValueError, "r must be a positive integer"),
     "targets-nothing": (_edit_config(target_modules=["q_proj"]), ValueError, "matches no module"),
     "only-bin": (_only_bin, FileNotFoundError, r"adapter_model\.bin is a pickle, which lorakit never loads"),

@@ -83,6 +83,25 @@ GPT2_CASE = Case(
     {"r": 4, "lora_alpha": 4, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
 )
 
+BERT_CASE = Case(
+    "bert-seq-cls",
+    seeded(
+        lambda: BertForSequenceClassification(
+            BertConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                vocab_size=100,
+                num_labels=3,
+            )
+        )
+    ),
+    lambda: {"input_ids": TOKENS, "attention_mask": torch.ones_like(TOKENS)},
+    {"r": 4, "alpha": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"},
+    {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"},
+)
+
 CASES = [
     Case(
         "llama",
@@ -121,23 +140,13 @@ CASES = [
         {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
     ),
     replace(GPT2_CASE, name="gpt2-conv1d-long-inputs", inputs=lambda: {"input_ids": LONG_TOKENS}),
-    Case(
-        "bert-seq-cls",
-        seeded(
-            lambda: BertForSequenceClassification(
-                BertConfig(
-                    hidden_size=32,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    intermediate_size=64,
-                    vocab_size=100,
-                    num_labels=3,
-                )
-            )
-        ),
-        lambda: {"input_ids": TOKENS, "attention_mask": torch.ones_like(TOKENS)},
-        {"r": 4, "alpha": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"},
-        {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"},
+    BERT_CASE,
+    # bias="all": PEFT also saves the classifier wrapper's biases under their inner names
+    replace(
+        BERT_CASE,
+        name="bert-seq-cls-bias-all",
+        lorakit={**BERT_CASE.lorakit, "bias": "all"},
+        peft={**BERT_CASE.peft, "bias": "all"},
     ),
     Case(
         "cnn-conv2d",
@@ -200,9 +209,13 @@ def test_peft_adapter_loads_in_lorakit_with_identical_outputs(case, tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     model = lk.load_adapter(case.build(), tmp_path / "adapter")
     torch.testing.assert_close(logits(model, case.inputs()), expected, atol=ATOL, rtol=ATOL)
-    # and the base model comes back when the adapter is switched off
+    # switched off, the adapter leaves what PEFT's leaves: the base model, unless the adapter trains its biases
+    with peft_model.disable_adapter():
+        expected_off = logits(peft_model, case.inputs())
+    if case.peft.get("bias", "none") == "none":
+        torch.testing.assert_close(expected_off, logits(case.build(), case.inputs()), atol=0, rtol=0)
     with lk.disabled(model):
-        torch.testing.assert_close(logits(model, case.inputs()), logits(case.build(), case.inputs()), atol=0, rtol=0)
+        torch.testing.assert_close(logits(model, case.inputs()), expected_off, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["llama-long-inputs", "gpt2-conv1d-long-inputs"])

@@ -36,6 +36,7 @@ from lorakit.model import (
     lora_layers,
     lora_state_dict,
     mark_trainable,
+    module_copies,
     set_adapter,
 )
 from lorakit.svd_init import is_svd_init, to_plain_lora
@@ -70,6 +71,13 @@ UNSUPPORTED_PEFT_OPTIONS = {
     "use_qalora": False,
     "trainable_token_indices": None,
     "target_parameters": None,
+    # PEFT's other layer variants (aLoRA applies the adapter only after its invocation tokens, and so on)
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "use_bdlora": None,
+    "kasa_config": None,
+    "monteclora_config": None,
+    "velora_config": None,
 }
 
 
@@ -274,6 +282,7 @@ def load_adapter(
         inject(model, config, adapter)
         params = adapter_parameters(model, adapter)
         params.update(saved_base_weights(model, adapter, tensors))
+        params.update(saved_wrapper_biases(model, adapter, tensors))
         check_adapter_tensors(tensors, params, directory / WEIGHTS_NAME)
     except BaseException:
         try:
@@ -306,6 +315,21 @@ def saved_base_weights(model: nn.Module, adapter: str, tensors: dict[str, torch.
         key = f"{PEFT_PREFIX}{path}.base_layer.weight"
         if adapter in layer.lora_A and key in tensors:
             found[key] = layer.base.weight
+    return found
+
+
+def saved_wrapper_biases(model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """PEFT with bias="all" also saves each modules_to_save wrapper's biases under its inner names:
+    `<path>.modules_to_save.<name>` (the copy's again, beside `<path>.<name>`) and `<path>.original_module.<name>`
+    (the original module's); such keys load there."""
+    found = {}
+    for path, copies in module_copies(model):
+        if adapter in copies.copies:
+            for inner, module in (("modules_to_save", copies.copies[adapter]), ("original_module", copies.original)):
+                for name, p in module.named_parameters():
+                    key = f"{PEFT_PREFIX}{path}.{inner}.{name}"
+                    if name.rsplit(".", 1)[-1] == "bias" and key in tensors:
+                        found[key] = p
     return found
 
 
