@@ -116,3 +116,11 @@ def test_temporary_files_get_the_permissions_of_a_plain_open_without_touching_th
     mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)  # noqa: E731
     assert mode("atomic.txt") == mode("plain.txt")
     assert mode("atomic") == mode("plain")
+
+
+def test_a_write_that_cannot_start_names_the_destination_not_its_temporary():
+    target = Path("/proc/lorakit-test.txt")  # a directory where no file can be made, even by root
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    with pytest.raises(FileNotFoundError, match=f"cannot write {target}: No such file or directory$"):
+        write_text_atomic(target, "x")

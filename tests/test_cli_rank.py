@@ -113,6 +113,7 @@ def npz_bytes(directory) -> bytes:
         (lambda d: ["rank", write(d, "m.npy", np.eye(2)), "--top", "-1"], "--top must be >= 0"),
         (lambda d: ["rank"], "give a FILE"),
         (lambda d: ["rank", "--example", write(d, "m.npy", np.eye(2))], "give a FILE or --example, not both"),
+        (lambda d: ["rank", "--example", "--json"], "--json, --plot and --key apply to a FILE, not to --example"),
     ],
 )
 def test_bad_input_gets_one_error_line_and_exit_code_2(tmp_path, capsys, make_args, message):

@@ -83,7 +83,11 @@ def test_same_seed_gives_the_same_numbers(demo_run, tmp_path):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--rank", "0"], "--rank must be a positive integer"), (["--steps", "-1"], "--steps must be >= 0")],
+    [
+        (["--rank", "0"], "--rank must be a positive integer"),
+        (["--steps", "-1"], "--steps must be >= 0"),
+        (["--alpha", "nan"], "--alpha must be a finite number, got nan"),
+    ],
 )
 def test_out_of_range_flags_exit_2_with_one_line(capsys, tmp_path, argv, message):
     err = cli_error(["demo", "--quick", "--out", str(tmp_path / "out"), *argv], capsys)

@@ -30,3 +30,13 @@ def test_training_plot_drops_a_torn_last_line(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 3, "lo')
     training_plot(read_metrics(log), tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_suffix_names_the_format_and_an_unknown_one_is_refused(tmp_path):
+    save_figure(plt.figure(), tmp_path / "plot.svg")
+    assert (tmp_path / "plot.svg").read_text().startswith("<?xml")
+    save_figure(plt.figure(), tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match=r"plot.xyz: matplotlib writes no .xyz files"):
+        save_figure(plt.figure(), tmp_path / "plot.xyz")
+    assert plt.get_fignums() == [] and not (tmp_path / "plot.xyz").exists()

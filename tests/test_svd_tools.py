@@ -698,7 +698,10 @@ BAD_INPUT = {
         lambda d: extract_args(d, {"w.weight": W}, {"w.weight": W + 1}, "--rank", "0"),
         "rank must be a positive integer, got 0",
     ),
-    "identical": (lambda d: extract_args(d, {"w.weight": W}, {"w.weight": W.clone()}, "--rank", "1"), "no 2-D weight"),
+    "identical": (
+        lambda d: extract_args(d, {"w.weight": W}, {"w.weight": W.clone()}, "--rank", "1"),
+        "no 2-D floating-point weight",
+    ),
     "missing-base": (
         lambda d: ["extract", str(d / "nope"), write_weights(d, "t.safetensors", {"w.weight": W}), "--rank", "1"],
         "no such file",
@@ -809,7 +812,7 @@ def test_api_refuses_a_rank_larger_than_the_layer_and_mismatched_shapes():
         lk.extract({"w.weight": W}, {"w.weight": W + 1}, r=7)
     with pytest.raises(ValueError, match="shape"):
         lk.extract({"w.weight": W}, {"w.weight": torch.zeros(6, 8)}, r=1)
-    with pytest.raises(ValueError, match="no 2-D weight differs"):
+    with pytest.raises(ValueError, match="no 2-D floating-point weight differs"):
         lk.extract({"w.weight": W}, {"w.weight": W.clone()}, r=1)
 
 
@@ -838,3 +841,9 @@ def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
         argv = [sys.executable, "-m", "lorakit", "inspect", saved_small(tmp_path, "a"), "--json"]
         result = subprocess.run(argv, stdout=closed, stderr=subprocess.PIPE, text=True)
     assert (result.returncode, result.stderr) == (1, "")
+
+
+def test_extract_leaves_integer_tensors_alone():
+    counts = torch.arange(6, dtype=torch.int32).reshape(2, 3)
+    state = lk.extract({"w.weight": W, "c.weight": counts}, {"w.weight": W + 1, "c.weight": counts + 1}, r=1)
+    assert state.report["other_changed"] == ["c.weight"] and list(state.report["layers"]) == ["w"]

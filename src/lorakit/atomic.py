@@ -35,6 +35,8 @@ def _sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
             create(candidate)
         except FileExistsError:  # a 48-bit name taken: as good as never, but never overwrite
             continue
+        except OSError as error:  # name what the caller asked to write, not the temporary sibling
+            raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from None
         return candidate
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ class DemoSettings:
             raise ValueError(f"--rank must be a positive integer, got {self.rank}")
         if self.steps < 0:
             raise ValueError(f"--steps must be >= 0, got {self.steps}")
+        if not math.isfinite(self.alpha):  # checked here, not by LoraConfig after the base model has trained
+            raise ValueError(f"--alpha must be a finite number, got {self.alpha}")
         if self.quick:
             self.steps = min(self.steps, 60)
 

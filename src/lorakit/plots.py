@@ -1,9 +1,11 @@
-"""PNG plots (matplotlib, Agg backend): spectra and energy curves, written atomically."""
+"""Plots (matplotlib, Agg backend; PNG unless the file name says .svg or .pdf): spectra and energy curves,
+written atomically."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -27,10 +29,13 @@ __all__ = [
 
 
 def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
-    """Writes `fig` as a PNG at `path` (atomically) and closes it."""
+    """Writes `fig` at `path` (atomically) in the format its suffix names, PNG without one, and closes it."""
     try:
+        fmt = Path(path).suffix.lstrip(".").lower() or "png"
+        if fmt not in fig.canvas.get_supported_filetypes():
+            raise ValueError(f"{path}: matplotlib writes no .{fmt} files; name a .png (or .svg, .pdf) file")
         with atomic_file(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+            fig.savefig(tmp, format=fmt, dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
 

@@ -394,7 +394,8 @@ def extract(
             report["unchanged"] += 1
             continue
         path, _, leaf = key.rpartition(".")
-        if w_base.dim() != 2 or leaf != "weight" or (targets is not None and not matches_target(targets, path)):
+        factorable = w_base.dim() == 2 and leaf == "weight" and w_base.is_floating_point()  # not integer buffers
+        if not factorable or (targets is not None and not matches_target(targets, path)):
             report["other_changed"].append(key)
             continue
         kind = kinds.get(path, "linear")
@@ -423,7 +424,8 @@ def extract(
             "energy_kept": 1.0 if total == 0 else float(S.square().sum()) / total,
         }
     if not layers:
-        raise ValueError("no 2-D weight differs between BASE and TUNED" + (" among the targets" if targets else ""))
+        among = " among the targets" if targets is not None else ""
+        raise ValueError(f"no 2-D floating-point weight differs between BASE and TUNED{among}")
     state = state_from_layers(layers, factors, {"fan_in_fan_out": any(v == "conv1d" for v in kinds.values())})
     state.report = report
     return state

@@ -161,6 +161,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         raise ValueError(f"--top must be >= 0, got {args.top}")
     if bool(args.example) == bool(args.file):
         raise ValueError("give a FILE or --example, not both" if args.file else "give a FILE, or --example")
+    if args.example and (args.json or args.plot or args.key):
+        raise ValueError("--json, --plot and --key apply to a FILE, not to --example")
     console = make_console()
     if args.example:
         walk_through_examples(console)
