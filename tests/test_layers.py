@@ -182,3 +182,17 @@ def test_a_forward_replaced_on_the_base_instance_is_called():
     x = torch.randn(4, IN, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), formula(layer, x) + 1, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("adapters", [1, 2], ids=["fused-path", "general-path"])
+def test_factors_left_on_the_meta_device_are_refused_beside_real_inputs(adapters):
+    layer = lora_linear()
+    for name in ["default", "second"][:adapters]:
+        if name not in layer.lora_A:
+            layer.add_adapter(name, R, SCALE, 0.0, False)
+        layer.lora_A[name] = nn.Parameter(layer.lora_A[name].to("meta"))  # as an offloader leaves them
+    layer.active_adapters = ["default", "second"][:adapters]
+    with pytest.raises(ValueError, match="LoRA factors on the meta device"):
+        layer(torch.randn(4, IN, dtype=torch.float64))
+    layer.to("meta")  # a model all on the meta device (shapes only) is fine
+    assert layer(torch.randn(4, IN, dtype=torch.float64, device="meta")).shape == (4, OUT)

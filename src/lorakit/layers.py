@@ -53,6 +53,14 @@ class PerSampleRouting:
         self.index = index  # (batch,) long
 
 
+# Some ops take a meta tensor beside real ones and return garbage; accelerate's offloading leaves the factors
+# there, since it moves the weights of modules that are called and the factor tables never are.
+FACTORS_ON_META = (
+    "LoRA factors on the meta device (offloaded, or never loaded) beside real inputs: lorakit needs them in "
+    "memory, on the inputs' device"
+)
+
+
 class LoraLayer(nn.Module):
     """A base module and its adapters. Subclasses define the update's shapes, forward and full weight."""
 
@@ -152,6 +160,8 @@ class LoraLayer(nn.Module):
         y = self.base(x, *args, **kwargs)
         if self.disabled:
             return y
+        if not x.is_meta and any(p.is_meta for p in [*self.lora_A.values(), *self.lora_B.values()]):
+            raise ValueError(FACTORS_ON_META)
         if self.routing is not None:
             if x.shape[0] != self.routing.index.numel():
                 raise ValueError(
@@ -346,9 +356,11 @@ class LoraLinear(LoraLayer):
     def fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         W, bias = self.base_parameters["weight"], self.base_parameters["bias"]
         A, B = self.A_parameters[name], self.B_parameters[name]
+        if (A.is_meta or B.is_meta) and not x.is_meta:
+            raise ValueError(FACTORS_ON_META)
         dtype = x.dtype
-        if not (dtype == W.dtype == A.dtype == B.dtype) or torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)  # mixed dtypes, or autocast choosing one per op: the general path
+        if x.is_meta or not (dtype == W.dtype == A.dtype == B.dtype) or torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)  # shapes only, mixed dtypes, or autocast choosing one per op: the general path
         scale, p = self.scale[name], self.dropout[name]
         x_lora = F.dropout(x, p, True) if p > 0 and self.training else None
         if torch.is_grad_enabled() and (
