@@ -205,8 +205,8 @@ def load_model_and_tokenizer(path: str, task: str, num_labels: int | None) -> tu
         else:
             model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
     except Exception as error:  # transformers raises many kinds; each means this directory is bad
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"cannot load the model or tokenizer from {path}: {first_line}") from None
+        message = " ".join(str(error).split()) or type(error).__name__  # one line, even from a multi-line error
+        raise ValueError(f"cannot load the model or tokenizer from {path}: {message}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
