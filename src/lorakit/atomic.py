@@ -144,7 +144,9 @@ def remove_leftovers(directory: str | os.PathLike) -> None:
     temporary entries of another process's write in progress."""
     directory = Path(directory)
     for entry in directory.iterdir() if directory.is_dir() else []:
-        if LEFTOVER.fullmatch(entry.name) and entry.is_dir():
+        if not LEFTOVER.fullmatch(entry.name):
+            continue
+        if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
-        elif LEFTOVER.fullmatch(entry.name):
+        else:
             entry.unlink(missing_ok=True)

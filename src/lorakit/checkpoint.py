@@ -125,12 +125,12 @@ def load_checkpoint(
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path / TENSORS_NAME} holds no usable RNG states: {_describe(error)}") from None
     # everything is read and checked: restore, and should torch still refuse a state, undo what was restored
-    before = ({k: p.detach().clone() for k, p in params.items()}, copy.deepcopy(optimizer.state_dict()))
-    scheduler_before = copy.deepcopy(scheduler.state_dict())
+    weights_before = {key: p.detach().clone() for key, p in params.items()}
+    optimizer_before, scheduler_before = copy.deepcopy(optimizer.state_dict()), copy.deepcopy(scheduler.state_dict())
     try:
         _restore(params, weights, optimizer, optimizer_state, scheduler, scheduler_state)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
-        _restore(params, before[0], optimizer, before[1], scheduler, scheduler_before)
+        _restore(params, weights_before, optimizer, optimizer_before, scheduler, scheduler_before)
         raise ValueError(f"{path / STATE_NAME} is not a usable checkpoint state: {_describe(error)}") from None
     torch.set_rng_state(cpu_rng)
     if torch.cuda.is_available() and len(cuda_rngs) == torch.cuda.device_count():
@@ -138,7 +138,14 @@ def load_checkpoint(
     return state
 
 
-def _restore(params, weights, optimizer, optimizer_state, scheduler, scheduler_state) -> None:
+def _restore(
+    params: dict[str, nn.Parameter],
+    weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler_state: dict[str, Any],
+) -> None:
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(weights[key])
