@@ -641,3 +641,22 @@ def test_saved_files_get_the_permissions_of_a_plain_open(tmp_path):
     saved = lk.save_adapter(model, tmp_path / "adapter")
     mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
     assert mode(saved / "adapter_model.safetensors") == mode(saved / "adapter_config.json") == mode(tmp_path / "plain")
+
+
+def test_an_adapter_on_a_path_that_ends_another_is_written_to_adapt_it_alone(tmp_path):
+    from peft import PeftModel
+
+    def base():
+        torch.manual_seed(0)
+        model = nn.Sequential()
+        model.fc, model.block = nn.Linear(4, 4), nn.Sequential()
+        model.block.fc = nn.Linear(4, 4)
+        return model
+
+    model = lk.inject(base(), lk.LoraConfig(r=2, target_modules=r"fc", init=False))  # the top-level fc only
+    x = torch.randn(3, 4)
+    expected = model(x).detach()
+    lk.save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"] == "fc"  # a regex
+    assert [path for path, _ in lora_layers(lk.load_adapter(base(), tmp_path / "a"))] == ["fc"]
+    torch.testing.assert_close(PeftModel.from_pretrained(base(), tmp_path / "a")(x), expected)

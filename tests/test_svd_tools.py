@@ -847,3 +847,35 @@ def test_extract_leaves_integer_tensors_alone():
     counts = torch.arange(6, dtype=torch.int32).reshape(2, 3)
     state = lk.extract({"w.weight": W, "c.weight": counts}, {"w.weight": W + 1, "c.weight": counts + 1}, r=1)
     assert state.report["other_changed"] == ["c.weight"] and list(state.report["layers"]) == ["w"]
+
+
+class Nested(nn.Module):
+    """Two layers whose paths end alike: "fc" and "block.fc"."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.block = nn.Linear(6, 6), nn.Sequential()
+        self.block.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.block.fc(self.fc(x))
+
+
+def test_per_layer_ranks_of_paths_that_end_alike_reload_in_lorakit_and_peft(tmp_path):
+    def base():
+        torch.manual_seed(0)
+        return Nested().double()
+
+    model = lk.inject(base(), lk.LoraConfig(r=4, alpha=4, target_modules=["fc"], init=False))
+    with torch.no_grad():
+        model.fc.lora_B["default"][:, 1:] = 0  # fc's update has rank 1, block.fc's rank 4
+    x = torch.randn(3, 6, dtype=torch.float64)
+    expected = model(x).detach()
+    lk.save_adapter(model, tmp_path / "a")
+    resized = lk.resize(tmp_path / "a", energy=0.999)
+    assert {path: layer["rank"] for path, layer in resized.report["layers"].items()} == {"block.fc": 4, "fc": 1}
+    resized.save(tmp_path / "b")
+    ours = lk.load_adapter(base(), tmp_path / "b")
+    theirs = PeftModel.from_pretrained(base(), tmp_path / "b")
+    torch.testing.assert_close(ours(x), expected)
+    torch.testing.assert_close(theirs(x), expected)

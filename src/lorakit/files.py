@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,12 +112,15 @@ def peft_config(model: nn.Module, adapter: str, base_model_name_or_path: str | N
     }
 
 
-def exact_targets(model: nn.Module, paths: list[str]) -> list[str]:
-    """The target list to write: the paths' last components (as PEFT writes them) when those pick exactly
-    the adapted modules and no other, else the full paths, so that any reader adapts the same layers."""
-    short = sorted({path.rsplit(".", 1)[-1] for path in paths})
-    picked = {name for name, _ in candidate_modules(model) if matches_target(short, name)}
-    return short if picked == set(paths) else sorted(paths)
+def exact_targets(model: nn.Module, paths: list[str]) -> list[str] | str:
+    """The targets to write, so that any reader adapts exactly the adapted modules: the paths' last components
+    (as PEFT writes them) where those pick no other module, else the full paths, else (a full path can be the
+    end of another module's, "fc" of "block.fc") a regex that matches the whole path."""
+    names = [name for name, _ in candidate_modules(model)]
+    for targets in (sorted({path.rsplit(".", 1)[-1] for path in paths}), sorted(paths)):
+        if {name for name in names if matches_target(targets, name)} == set(paths):
+            return targets
+    return "|".join(re.escape(path) for path in sorted(paths))
 
 
 def save_adapter(

@@ -180,7 +180,8 @@ def state_from_layers(
         tensors[f"{PEFT_PREFIX}{layer.path}.{b_suffix}"] = B
         ranks[layer.path] = A.shape[0]
     r = max(ranks.values())
-    patterns = {re.escape(path): k for path, k in ranks.items() if k != r}
+    # "^": a pattern key matches a path's end at a "." (PEFT and lorakit alike), so "fc" would also pick "block.fc"
+    patterns = {f"^{re.escape(path)}": k for path, k in ranks.items() if k != r}
     config = {
         "peft_type": "LORA",
         "task_type": template.get("task_type"),
