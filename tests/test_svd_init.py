@@ -363,3 +363,13 @@ def test_each_layer_is_checked_once_under_its_module_path(init, monkeypatch):
     monkeypatch.setattr(lorakit.svd_init, "check_svd_init", recording)
     model = lk.inject(build_tiny_llama(), lk.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], init=init))
     assert sorted(checked) == sorted(name for name, _ in lora_layers(model))
+
+
+def test_saving_a_randomized_start_unconverted_warns_that_peft_will_not_reproduce_it(tmp_path, recwarn):
+    model = adapted("llama", "pissa_niter_4")
+    with pytest.warns(UserWarning, match=r"randomized SVD \(pissa_niter_4\).*convert_to_lora=True"):
+        lk.save_adapter(model, tmp_path / "plain")
+    recwarn.clear()
+    lk.save_adapter(model, tmp_path / "converted", convert_to_lora=True)
+    lk.save_adapter(adapted("llama", "pissa"), tmp_path / "exact")  # the exact SVD: every loader gets the same
+    assert not [w for w in recwarn if "randomized SVD" in str(w.message)]

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +41,7 @@ from lorakit.model import (
     module_copies,
     set_adapter,
 )
-from lorakit.svd_init import is_svd_init, to_plain_lora
+from lorakit.svd_init import PISSA_NITER, is_svd_init, to_plain_lora
 
 __all__ = [
     "CONFIG_NAME",
@@ -152,7 +153,15 @@ def write_adapter(
     """Writes the two adapter files into an existing directory (not atomic by itself: see save_adapter)."""
     config = peft_config(model, adapter, base_model_name_or_path)
     tensors = lora_state_dict(model, adapter)
-    if convert_to_lora and is_svd_init(configs(model)[adapter].init):
+    init = configs(model)[adapter].init
+    if not convert_to_lora and isinstance(init, str) and PISSA_NITER.fullmatch(init):
+        warnings.warn(
+            f"adapter {adapter!r} starts from the randomized SVD ({init}), which a loader re-runs: lorakit's is "
+            "seeded and gives the same start, PEFT's is not and gives another; save with convert_to_lora=True for "
+            "a file that PEFT reproduces exactly",
+            stacklevel=3,
+        )
+    if convert_to_lora and is_svd_init(init):
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A and layer.initial_factors(adapter) is not None:
                 A0, B0 = layer.initial_factors(adapter)

@@ -23,7 +23,7 @@ import torch
 from lorakit import lowrank
 from lorakit.layers import LoraLayer, LoraLinear
 
-__all__ = ["SVD_INITS", "check_svd_init", "initialise_from_weight", "is_svd_init", "to_plain_lora"]
+__all__ = ["PISSA_NITER", "SVD_INITS", "check_svd_init", "initialise_from_weight", "is_svd_init", "to_plain_lora"]
 
 SVD_INITS = ("pissa", "milora", "olora")
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
