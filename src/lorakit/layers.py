@@ -429,8 +429,11 @@ class LoraEmbedding(LoraLayer):
         nn.init.normal_(B)
 
     def lookup(self, tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Rows of `table` as the base looks up its own (padding_idx, scale_grad_by_freq), but never with its
+        max_norm: F.embedding would renormalise the looked-up rows of the table itself, in place, and for
+        A's columns that would rewrite the adapter on every forward pass."""
         base = self.base
-        return F.embedding(tokens, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq)
+        return F.embedding(tokens, table, base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
 
     def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         # (..., ) tokens -> (..., r) -> (..., dim); dropout does not apply to token ids
