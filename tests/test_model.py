@@ -482,3 +482,31 @@ def test_multihead_attention_out_proj_is_refused_by_name_and_skipped_by_all_line
     model = lk.inject(layer, lk.LoraConfig(r=2, target_modules="all-linear", init=False))
     assert [name for name, _ in lk.model.lora_layers(model)] == ["linear1", "linear2"]
     model(torch.randn(3, 5, 8))  # runs: MultiheadAttention still finds out_proj.weight and .bias
+
+
+def test_merging_into_a_tied_embedding_is_refused_and_changes_nothing():
+    from conftest import build_tiny_gpt2
+
+    model = build_tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight  # GPT-2 ties its head to its embedding
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["wte", "c_attn"], init=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for merging in (lk.merge, lk.merge_and_unload):
+        with pytest.raises(ValueError, match=r"transformer.wte.weight is tied to lm_head.weight: merging would change"):
+            merging(model)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with lk.disabled(model):  # nothing was merged: the layers still run factored
+        assert not any(layer.merged_adapters for _, layer in lk.model.lora_layers(model))
+
+
+def test_an_svd_start_on_a_tied_head_is_refused_and_changes_nothing():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    size = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    model = LlamaForCausalLM(LlamaConfig(**size, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lm_head.weight is tied to model.embed_tokens.weight: init='pissa' rewrites"):
+        lk.inject(model, lk.LoraConfig(r=2, target_modules=["lm_head"], init="pissa"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -242,6 +242,23 @@ def test_cli_extract_round_trips_gpt2_conv1d_and_position_embedding_changes(tmp_
     assert_loads_with_logits(tmp_path / "ad", build_tiny_gpt2, expected)
 
 
+def test_cli_extract_warns_that_a_tied_embedding_changes_the_lookup_alone(tmp_path, capsys):
+    base = base_state(build_tiny_gpt2)
+    tuned, _ = plant(base, {"transformer.wte.weight": 2, "transformer.h.0.attn.c_attn.weight": 2})
+    tuned["lm_head.weight"] = tuned["transformer.wte.weight"]  # one tensor under two names: load either
+    tuned_model(base, build_tiny_gpt2).save_pretrained(tmp_path / "base")
+    tuned_model(tuned, build_tiny_gpt2).save_pretrained(tmp_path / "tuned")
+    code, _, err = run_cli(
+        capsys, "extract", tmp_path / "base", tmp_path / "tuned", "--rank", "2", "--out", tmp_path / "ad"
+    )
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: transformer.wte shares its weight with the model's output head (tied embeddings): an adapter "
+        "changes the lookup alone, so the adapted model's outputs will differ from TUNED's"
+    ]
+
+
 # -- adapters by hand --------------------------------------------------------------------------------------
 
 

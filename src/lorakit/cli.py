@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 from lorakit import __version__
 from lorakit.commands import demo, finetune, rank, svd
@@ -31,11 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as one plain line, like the command's own, without Python's file name and source line."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.run(args, parser)
+        with warnings.catch_warnings():  # restores Python's own display when the command returns
+            warnings.showwarning = _show_warning
+            args.run(args, parser)
     except BrokenPipeError:  # the reader went away (`lorakit inspect --json | head`): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails once more
         return 1  # as rich does for what it prints, and Python for a closed pipe

@@ -113,6 +113,18 @@ def weights_read_directly(model: nn.Module) -> set[str]:
     }
 
 
+def refuse_tied(model: nn.Module, paths: list[str], why: str) -> None:
+    """Refuses to rewrite the base weight of module `path` where the model also uses that weight under another
+    name (a tied embedding and output head): `why` says what would happen and what to do instead."""
+    for path in paths:
+        module = model.get_submodule(path)
+        weight = module.base.weight if isinstance(module, LoraLayer) else module.weight
+        own = {f"{path}.weight", f"{path}.base.weight"}
+        others = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight and n not in own]
+        if others:
+            raise ValueError(f"{path}.weight is tied to {others[0]}: {why}")
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """The paths of the modules `config` puts adapters on; a clear error when there are none."""
     head, never_called = output_head(model), weights_read_directly(model)
@@ -181,6 +193,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
 
     from_weight = is_svd_init(config.init)
     if from_weight:  # every layer checked before the first weight is rewritten
+        why = f"init={config.init!r} rewrites the weight and would change both; use another init or untie them"
+        refuse_tied(model, list(layers), why)
         for path, layer in layers.items():
             check_svd_init(layer, path, config.init, config.rank_for(path), config.scale_for(path))
     # an SVD init rewrites base weights: keep them, so that a failure half-way leaves the model as it was
@@ -301,6 +315,8 @@ def merge(model: nn.Module, safe: bool = False) -> None:
     would hold NaN or inf.
     """
     layers = [(path, layer) for path, layer in lora_layers(model)]
+    to_merge = [path for path, layer in layers if set(layer.active_adapters) - set(layer.merged_adapters)]
+    refuse_tied(model, to_merge, "merging would change both; keep the adapter unmerged, or untie the weights first")
     if safe:
         for path, layer in layers:
             pending = [n for n in layer.active_adapters if n not in layer.merged_adapters]

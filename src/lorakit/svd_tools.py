@@ -21,12 +21,14 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from lorakit import lowrank
 from lorakit.atomic import atomic_dir
@@ -327,27 +329,32 @@ def _shards(index: Path) -> dict[str, Path]:
     return files
 
 
-def module_kinds(model_dir: Path) -> dict[str, str]:
-    """{module path: "linear" | "conv1d" | "embedding"} of a transformers model directory, built on the meta
-    device (no memory, no weights); {} when the directory holds no loadable config."""
+def _meta_model(model_dir: Path) -> nn.Module | None:
+    """The transformers model a directory's config.json describes, built on the meta device (no memory, no
+    weights), or None where there is no config or transformers cannot build it."""
     if not (model_dir.is_dir() and (model_dir / "config.json").is_file()):
-        return {}
+        return None
     import transformers
-    from torch import nn
-
-    from lorakit.layers import is_conv1d
 
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir)
         architecture = getattr(transformers, (config.architectures or [""])[0], None)
         if architecture is None:
-            return {}
+            return None
         with torch.device("meta"):
-            model = architecture._from_config(config)
-    except Exception:  # whatever transformers raises on a config it cannot build: no kinds known
-        return {}
+            return architecture._from_config(config)
+    except Exception:  # whatever transformers raises on a config it cannot build: nothing known
+        return None
+
+
+def module_kinds(model_dir: Path) -> dict[str, str]:
+    """{module path: "linear" | "conv1d" | "embedding"} of a transformers model directory; {} when the
+    directory holds no loadable config."""
+    from lorakit.layers import is_conv1d
+
+    model = _meta_model(model_dir)
     kinds = {}
-    for name, module in model.named_modules():
+    for name, module in model.named_modules() if model is not None else []:
         if isinstance(module, nn.Embedding):
             kinds[name] = "embedding"
         elif is_conv1d(module):
@@ -355,6 +362,18 @@ def module_kinds(model_dir: Path) -> dict[str, str]:
         elif isinstance(module, nn.Linear):
             kinds[name] = "linear"
     return kinds
+
+
+def tied_embedding(model_dir: Path) -> str | None:
+    """The path of the input embedding that a transformers model directory's model ties to its output head,
+    or None. Its checkpoint holds the shared weight once, under the embedding's name."""
+    model = _meta_model(model_dir)
+    if model is None:
+        return None
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embedding is None or head.weight is not embedding.weight:
+        return None
+    return next(name for name, module in model.named_modules() if module is embedding)
 
 
 def extract(
@@ -376,9 +395,10 @@ def extract(
     The report holds each layer's rank, relative Frobenius error (measured) and energy kept.
     """
     check_rank_or_energy(r, energy)
+    directories = [Path(x) for x in (base, tuned) if isinstance(x, str | os.PathLike)]
     if kinds is None:  # from whichever of the two is a model directory (BASE may be a bare .safetensors file)
-        paths = [Path(x) for x in (base, tuned) if isinstance(x, str | os.PathLike)]
-        kinds = next((found for found in map(module_kinds, paths) if found), {})
+        kinds = next((found for found in map(module_kinds, directories) if found), {})
+    tied = {path for path in map(tied_embedding, directories) if path is not None}
     base_src, tuned_src = (x if isinstance(x, TensorSource) else TensorSource(x) for x in (base, tuned))
     base_names = set(base_src.names())
     missing = [k for k in tuned_src.names() if k not in base_names]
@@ -417,6 +437,12 @@ def extract(
         error = float(torch.linalg.matrix_norm(delta - B @ A)) / max(float(torch.linalg.matrix_norm(delta)), 1e-300)
         total = float(delta.square().sum())
         layers.append(LayerFactors(path, A, B, 1.0, "embedding" if kind == "embedding" else "linear"))
+        if path in tied:
+            warnings.warn(
+                f"{path} shares its weight with the model's output head (tied embeddings): an adapter changes the "
+                "lookup alone, so the adapted model's outputs will differ from TUNED's",
+                stacklevel=2,
+            )
         factors[path] = (A.to(w_base.dtype), B.to(w_base.dtype))
         report["layers"][path] = {
             "shape": list(shape),

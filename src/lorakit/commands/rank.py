@@ -213,4 +213,4 @@ def walk_through_examples(console: Console) -> None:
         rel = lowrank.approx_error(M4, r) / float(torch.linalg.matrix_norm(M4))
         say(f"   r = {r:2d}: relative Frobenius error {rel:.3f}, energy kept {float(lowrank.energy(M4)[r - 1]):.3f}")
     say("   A random matrix is full-rank and spreads its energy; so are pre-trained weights (measured on")
-    say("   all-MiniLM-L6-v2: every matrix full-rank). What LoRA bets on being low-rank is the update ΔW.")
+    say("   all-MiniLM-L6-v2: all 41 matrices full-rank in float64). LoRA bets on the update ΔW being low-rank.")
