@@ -4,7 +4,8 @@ python -m bench [--quick] [--settings llama-reference gpt2-conv1d] [--processes 
 
 Every timed case runs in `--processes` fresh processes (`python -m bench.cases`), taken in turns: process 1
 of every case, then process 2 of every case, and so on, so that a slow spell of the machine is spread over
-all cases instead of falling on one. Peak memory runs each library in a process of its own.
+all cases instead of falling on one; and each process builds its candidates' models in another order, since
+where a model's tensors land moves its speed too. Peak memory runs each library in a process of its own.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def run_setting(setting: Setting, repeats: int, processes: int, threads: int) ->
     for process in range(processes):
         for case in cases:
             print(f"[{setting.name}] {case.name}: process {process + 1} of {processes}", flush=True)
-            timings = worker("bench.cases", setting.name, case.name, repeats, threads)["samples"]
+            timings = worker("bench.cases", setting.name, case.name, repeats, threads, process)["samples"]
             for candidate, seconds in timings.items():
                 samples[case.name].setdefault(candidate, []).append(seconds)
     results = {case.name: summary(samples[case.name], case.ratios) for case in cases}

@@ -1,13 +1,17 @@
 """The measured cases, and the worker that runs one of them in a fresh process:
 
-    python -m bench.cases SETTING CASE REPEATS THREADS    # prints {"samples": {candidate: [seconds, ...]}}
+    python -m bench.cases SETTING CASE REPEATS THREADS PROCESS    # prints {"samples": {candidate: [seconds, ...]}}
 
-Each case builds its candidates from the setting's base model and times them interleaved
-(`timing.interleaved`); `python -m bench` starts the workers and pools their samples.
+Each case builds its candidates as deep copies of the setting's base model and times them interleaved
+(`timing.interleaved`); `python -m bench` starts the workers and pools their samples. Where a model's
+tensors land in memory moves its speed by a point or two (an unchanged deep copy can run that much faster
+or slower than the model it copies), so the order in which a worker builds its candidates turns with its
+PROCESS number: no candidate is always built first.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from collections.abc import Callable
@@ -26,8 +30,16 @@ Timings = dict[str, list[float]]  # candidate -> seconds per call, one per round
 @dataclass(frozen=True)
 class Case:
     name: str
-    run: Callable[[Setting, nn.Module, torch.device, int], Timings]  # (setting, base, device, repeats)
+    run: Callable[[Setting, nn.Module, torch.device, int, int], Timings]  # (setting, base, device, repeats, process)
     ratios: dict[str, tuple[str, str]]  # ratio name -> (numerator, denominator) candidates
+
+
+def built_in_turn(builders: dict[str, Callable[[], nn.Module]], process: int) -> dict[str, nn.Module]:
+    """Each candidate's model, built in an order rotated by `process` (see the module's docstring)."""
+    names = list(builders)
+    turn = process % len(names)
+    built = {name: builders[name]() for name in names[turn:] + names[:turn]}
+    return {name: built[name] for name in names}
 
 
 def tokens(setting: Setting, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -38,9 +50,17 @@ def shape_name(shape: tuple[int, int]) -> str:
     return f"{shape[0]}×{shape[1]}"
 
 
-def training_step(setting: Setting, base: nn.Module, device: torch.device, repeats: int) -> Timings:
+def training_step(setting: Setting, base: nn.Module, device: torch.device, repeats: int, process: int) -> Timings:
     """One AdamW step on batch × length tokens: lorakit, PEFT, and the floor (no weight gradients at all)."""
     x = tokens(setting, setting.batch, device)
+    models = built_in_turn(
+        {
+            "lorakit": lambda: lorakit_model(setting, base),
+            "peft": lambda: peft_model(setting, base),
+            "floor": lambda: floor_model(base),
+        },
+        process,
+    )
 
     def trainer(model):
         model.train()
@@ -53,7 +73,7 @@ def training_step(setting: Setting, base: nn.Module, device: torch.device, repea
 
         return step
 
-    floor = floor_model(base).train()
+    floor = models["floor"].train()
     embed = floor.get_input_embeddings()
 
     def floor_step():
@@ -61,21 +81,35 @@ def training_step(setting: Setting, base: nn.Module, device: torch.device, repea
         floor(inputs_embeds=inputs, labels=x).loss.backward()
 
     candidates = {
-        "lorakit": trainer(lorakit_model(setting, base)),
-        "peft": trainer(peft_model(setting, base)),
+        "lorakit": trainer(models["lorakit"]),
+        "peft": trainer(models["peft"]),
         "floor": floor_step,
     }
     return interleaved(candidates, repeats)
 
 
 def inference(
-    setting: Setting, base: nn.Module, device: torch.device, repeats: int, shape: tuple[int, int], merged: bool
+    setting: Setting,
+    base: nn.Module,
+    device: torch.device,
+    repeats: int,
+    process: int,
+    shape: tuple[int, int],
+    merged: bool,
 ) -> Timings:
     """A forward pass without gradients: lorakit and PEFT (unmerged or merged) against the base model."""
     import lorakit as lk
 
     x = tokens(setting, shape, device)
-    ours, theirs = lorakit_model(setting, base).eval(), peft_model(setting, base).eval()
+    models = built_in_turn(
+        {
+            "lorakit": lambda: lorakit_model(setting, base),
+            "peft": lambda: peft_model(setting, base),
+            "base": lambda: copy.deepcopy(base),
+        },
+        process,
+    )
+    ours, theirs, plain = (models[name].eval() for name in ("lorakit", "peft", "base"))
     if merged:
         lk.merge(ours)
         theirs.merge_adapter()
@@ -87,11 +121,11 @@ def inference(
 
         return run
 
-    return interleaved({"lorakit": forward(ours), "peft": forward(theirs), "base": forward(base)}, repeats)
+    return interleaved({"lorakit": forward(ours), "peft": forward(theirs), "base": forward(plain)}, repeats)
 
 
 def mixed_batch(
-    setting: Setting, base: nn.Module, device: torch.device, repeats: int, shape: tuple[int, int]
+    setting: Setting, base: nn.Module, device: torch.device, repeats: int, process: int, shape: tuple[int, int]
 ) -> Timings:
     """`setting.adapters` adapters, one per sample, against the same batch through a single adapter."""
     import lorakit as lk
@@ -99,8 +133,14 @@ def mixed_batch(
     x = tokens(setting, shape, device)
     names = ["default", *[f"a{i}" for i in range(1, setting.adapters)]]
     per_sample = [names[i % len(names)] for i in range(shape[0])]
-    ours = lorakit_model(setting, base, setting.adapters).eval()
-    theirs = peft_model(setting, base, setting.adapters).eval()
+    models = built_in_turn(
+        {
+            "lorakit": lambda: lorakit_model(setting, base, setting.adapters),
+            "peft": lambda: peft_model(setting, base, setting.adapters),
+        },
+        process,
+    )
+    ours, theirs = models["lorakit"].eval(), models["peft"].eval()
 
     def run(fn):
         def call():
@@ -146,7 +186,7 @@ def setting_cases(setting: Setting) -> list[Case]:
 
 
 def main() -> None:
-    setting_name, case_name, repeats, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    setting_name, case_name, repeats, threads, process = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
     torch.set_num_threads(threads)
     setting = SETTINGS[setting_name]
     cases = {case.name: case for case in setting_cases(setting)}
@@ -154,7 +194,7 @@ def main() -> None:
         sys.exit(f"no case {case_name!r} in {setting_name}; it has: {', '.join(cases)}")
     case = cases[case_name]
     device, dtype = device_and_dtype()
-    samples = case.run(setting, setting.build(dtype, device), device, repeats)
+    samples = case.run(setting, setting.build(dtype, device), device, repeats, process)
     print(json.dumps({"samples": samples}))
 
 

@@ -83,8 +83,22 @@ def test_ratio_interval_covers_the_true_ratio_and_narrows_with_more_rounds():
 
 def test_a_failed_worker_is_one_error_naming_its_command_and_its_last_words():
     with pytest.raises(WorkerFailed) as failed:
-        worker("bench.cases", "llama-quick", "no such case", 1, 1)
+        worker("bench.cases", "llama-quick", "no such case", 1, 1, 0)
     message = str(failed.value)
-    assert message.startswith("python -m bench.cases llama-quick 'no such case' 1 1 exited with 1: ")
+    assert message.startswith("python -m bench.cases llama-quick 'no such case' 1 1 0 exited with 1: ")
     assert message.endswith("no case 'no such case' in llama-quick; it has: training step, unmerged inference 2×16, "
                             "unmerged inference 1×8, merged inference 2×16, mixed adapters 4×16")  # fmt: skip
+
+
+def test_each_process_builds_the_candidates_in_another_order():
+    from bench.cases import built_in_turn
+
+    built = []
+
+    def builder(name):
+        return lambda: built.append(name) or name
+
+    for process in range(4):
+        models = built_in_turn({name: builder(name) for name in "abc"}, process)
+        assert models == {"a": "a", "b": "b", "c": "c"}  # returned in the candidates' own order
+    assert "".join(built) == "abc" + "bca" + "cab" + "abc"

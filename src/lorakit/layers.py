@@ -53,6 +53,14 @@ class PerSampleRouting:
         self.index = index  # (batch,) long
 
 
+# The hooks that nn.Module.__call__ runs for every module (the tables are updated in place, never replaced)
+GLOBAL_HOOKS = (
+    module_hooks._global_forward_hooks,
+    module_hooks._global_forward_pre_hooks,
+    module_hooks._global_backward_hooks,
+    module_hooks._global_backward_pre_hooks,
+)
+
 # Some ops take a meta tensor beside real ones and return garbage; accelerate's offloading leaves the factors
 # there, since it moves the weights of modules that are called and the factor tables never are.
 FACTORS_ON_META = (
@@ -310,6 +318,7 @@ class LoraLinear(LoraLayer):
         # call, which is a few percent of a 16-token forward pass of a small model.
         self.base_parameters = base._parameters
         self.A_parameters, self.B_parameters = self.lora_A._parameters, self.lora_B._parameters
+        self.base_attributes = base.__dict__  # likewise, for `base_runs_alone`: its hook tables, its forward
         # Inference with this many tokens or more forms W + s·B·A (out·in·r multiply-adds and a pass over W)
         # rather than the two thin products (N·r·(in + out)). Measured on CPU, the break-even sits near
         # N = 1.5 · in·out / (in + out); twice that keeps a margin.
@@ -324,18 +333,9 @@ class LoraLinear(LoraLayer):
         module (what nn.Module.__call__ checks), and no forward replaced on the instance (accelerate's
         offloading does that; old-style weight_norm computes the weight in a pre-hook). Only then may the fused
         path compute the base layer itself."""
-        base = self.base
-        return not (
-            base._forward_hooks
-            or base._forward_pre_hooks
-            or base._backward_hooks
-            or base._backward_pre_hooks
-            or module_hooks._global_forward_hooks
-            or module_hooks._global_forward_pre_hooks
-            or module_hooks._global_backward_hooks
-            or module_hooks._global_backward_pre_hooks
-            or "forward" in base.__dict__
-        )
+        own = self.base_attributes
+        hooks = own["_forward_hooks"], own["_forward_pre_hooks"], own["_backward_hooks"], own["_backward_pre_hooks"]
+        return not (any(hooks) or any(GLOBAL_HOOKS) or "forward" in own)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if (
