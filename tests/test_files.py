@@ -643,16 +643,19 @@ def test_saved_files_get_the_permissions_of_a_plain_open(tmp_path):
     assert mode(saved / "adapter_model.safetensors") == mode(saved / "adapter_config.json") == mode(tmp_path / "plain")
 
 
+def nested_fc():
+    """fc, then block.fc, whose path ends in the other's name."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.fc, model.block = nn.Linear(4, 4), nn.Sequential()
+    model.block.fc = nn.Linear(4, 4)
+    return model
+
+
 def test_an_adapter_on_a_path_that_ends_another_is_written_to_adapt_it_alone(tmp_path):
     from peft import PeftModel
 
-    def base():
-        torch.manual_seed(0)
-        model = nn.Sequential()
-        model.fc, model.block = nn.Linear(4, 4), nn.Sequential()
-        model.block.fc = nn.Linear(4, 4)
-        return model
-
+    base = nested_fc
     model = lk.inject(base(), lk.LoraConfig(r=2, target_modules=r"fc", init=False))  # the top-level fc only
     x = torch.randn(3, 4)
     expected = model(x).detach()
@@ -660,3 +663,42 @@ def test_an_adapter_on_a_path_that_ends_another_is_written_to_adapt_it_alone(tmp
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"] == "fc"  # a regex
     assert [path for path, _ in lora_layers(lk.load_adapter(base(), tmp_path / "a"))] == ["fc"]
     torch.testing.assert_close(PeftModel.from_pretrained(base(), tmp_path / "a")(x), expected)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_a_loaded_adapter_leaves_the_one_in_training_as_it_was_unless_it_trains_itself(tmp_path, trainable):
+    lk.save_adapter(adapted("other", seed=2, target_modules=["hidden"]), tmp_path / "other", adapter="other")
+    model = adapted("mine")
+    mine = list(lk.model.adapter_parameters(model, "mine").values())
+    lk.load_adapter(model, tmp_path / "other", adapter="other", trainable=trainable)
+    other = list(lk.model.adapter_parameters(model, "other").values())
+    assert all(p.requires_grad is not trainable for p in mine)  # as PEFT's load_adapter(is_trainable=...)
+    assert all(p.requires_grad is trainable for p in other)
+    trains = {id(p) for p in mine + other}
+    assert not any(p.requires_grad for p in model.parameters() if id(p) not in trains)  # the base stays frozen
+
+
+def test_bias_all_beside_another_adapters_full_copy_saves_the_original_heads_bias(tmp_path):
+    model = adapted("a", target_modules=["hidden"], modules_to_save=["head"])
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["conv"], bias="all", init=False), "b")
+    b = lk.model.adapter_parameters(model, "b")
+    assert f"{P}head.bias" in b  # with b active, the original head runs: its bias is b's to train
+    with torch.no_grad():
+        for p in b.values():
+            p.add_(0.1)
+        expected = model(TOKENS)
+    lk.save_adapter(model, tmp_path / "b", adapter="b")
+    with torch.no_grad():
+        torch.testing.assert_close(lk.load_adapter(build(), tmp_path / "b")(TOKENS), expected)
+
+
+def test_targets_written_for_a_model_without_the_other_adapters_full_copies(tmp_path):
+    model = lk.inject(nested_fc(), lk.LoraConfig(r=2, target_modules=["fc"], modules_to_save=["block"]), "a")
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["fc"], init=False), "b")  # block is a's copy: fc alone
+    assert [path for path, layer in lora_layers(model) if "b" in layer.lora_A] == ["fc"]
+    x = torch.randn(3, 4)
+    expected = model(x).detach()
+    lk.save_adapter(model, tmp_path / "b", adapter="b")
+    fresh = lk.load_adapter(nested_fc(), tmp_path / "b")  # where "fc" would also pick block.fc
+    assert [path for path, _ in lora_layers(fresh)] == ["fc"]
+    torch.testing.assert_close(fresh(x), expected)

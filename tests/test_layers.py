@@ -209,3 +209,14 @@ def test_an_embedding_with_max_norm_leaves_the_adapter_as_it_was_and_mixed_batch
         y = model(tokens)
         assert torch.equal(model[0].lora_A["default"], A)  # the base's max_norm is for its own rows only
         torch.testing.assert_close(lk.forward_per_sample(model, ["default", "default"], tokens), y)
+
+
+def test_a_copied_layer_sees_a_forward_replaced_on_its_own_base():
+    import copy
+
+    layer = copy.deepcopy(lora_linear())
+    original = layer.base.forward
+    layer.base.forward = lambda x: original(x) + 1
+    x = torch.randn(4, IN, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), formula(layer, x) + 1, rtol=1e-12, atol=1e-12)

@@ -510,3 +510,18 @@ def test_an_svd_start_on_a_tied_head_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match=r"lm_head.weight is tied to model.embed_tokens.weight: init='pissa' rewrites"):
         lk.inject(model, lk.LoraConfig(r=2, target_modules=["lm_head"], init="pissa"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_adding_or_merging_an_adapter_inside_disabled_is_refused():
+    torch.manual_seed(0)
+    model = lk.inject(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), lk.LoraConfig(r=2, target_modules=["0"]))
+    x = torch.randn(3, 4)
+    with lk.disabled(model):
+        base = model(x)
+        with pytest.raises(RuntimeError, match=r"cannot add an adapter inside lk.disabled\(model\)"):
+            lk.inject(model, lk.LoraConfig(r=2, target_modules=["0", "1"]), "b")
+        with pytest.raises(RuntimeError, match=r"cannot merge inside lk.disabled\(model\)"):
+            lk.merge(model)
+        torch.testing.assert_close(model(x), base)  # still the base alone
+        assert lk.adapter_names(model) == ["default"]
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["1"]), "b")  # after the block, as usual

@@ -117,7 +117,7 @@ def exact_targets(model: nn.Module, paths: list[str]) -> list[str] | str:
     """The targets to write, so that any reader adapts exactly the adapted modules: the paths' last components
     (as PEFT writes them) where those pick no other module, else the full paths, else (a full path can be the
     end of another module's, "fc" of "block.fc") a regex that matches the whole path."""
-    names = [name for name, _ in candidate_modules(model)]
+    names = [name for name, _ in candidate_modules(model, into_copies=True)]  # as a model with this adapter alone
     for targets in (sorted({path.rsplit(".", 1)[-1] for path in paths}), sorted(paths)):
         if {name for name in names if matches_target(targets, name)} == set(paths):
             return targets
@@ -276,7 +276,9 @@ def load_adapter(
 ) -> nn.Module:
     """Injects adapter `adapter` as described by a PEFT adapter directory and loads its weights.
 
-    The loaded adapter becomes the active one; with trainable=False its parameters are frozen. Every
+    The loaded adapter becomes the active one. With trainable=False its parameters are frozen and the other
+    adapters' parameters that were training still train (as with PEFT's is_trainable=False); with
+    trainable=True it alone trains. Every
     check (missing or corrupt file, missing or unknown key, shape mismatch, NaN) runs before any weight is
     written, and on any error the model is left exactly as it was.
     """
@@ -286,6 +288,8 @@ def load_adapter(
     if adapter in configs(model):
         raise ValueError(f"the model already has an adapter named {adapter!r}; delete it first or pick another name")
     active = active_adapters(model)
+    # an adapter loaded frozen leaves the others' training as it was (inject alone would freeze them)
+    training = [p for name in configs(model) for p in adapter_parameters(model, name).values() if p.requires_grad]
     # keyed by the parameters themselves: wrapping renames them (q_proj.weight becomes q_proj.base.weight)
     params_before = list(model.parameters())
     requires_grad = [p.requires_grad for p in params_before]
@@ -317,6 +321,8 @@ def load_adapter(
     else:
         for p in params.values():
             p.requires_grad_(False)
+        for p in training:
+            p.requires_grad_(True)
     return model
 
 

@@ -318,7 +318,6 @@ class LoraLinear(LoraLayer):
         # call, which is a few percent of a 16-token forward pass of a small model.
         self.base_parameters = base._parameters
         self.A_parameters, self.B_parameters = self.lora_A._parameters, self.lora_B._parameters
-        self.base_attributes = base.__dict__  # likewise, for `base_runs_alone`: its hook tables, its forward
         # Inference with this many tokens or more forms W + s·B·A (out·in·r multiply-adds and a pass over W)
         # rather than the two thin products (N·r·(in + out)). Measured on CPU, the break-even sits near
         # N = 1.5 · in·out / (in + out); twice that keeps a margin.
@@ -333,7 +332,7 @@ class LoraLinear(LoraLayer):
         module (what nn.Module.__call__ checks), and no forward replaced on the instance (accelerate's
         offloading does that; old-style weight_norm computes the weight in a pre-hook). Only then may the fused
         path compute the base layer itself."""
-        own = self.base_attributes
+        own = self._modules["base"].__dict__  # looked up each call: a copy or an unpickled model has new ones
         hooks = own["_forward_hooks"], own["_forward_pre_hooks"], own["_backward_hooks"], own["_backward_pre_hooks"]
         return not (any(hooks) or any(GLOBAL_HOOKS) or "forward" in own)
 

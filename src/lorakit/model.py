@@ -79,13 +79,17 @@ def module_copies(model: nn.Module) -> Iterator[tuple[str, ModuleCopies]]:
             yield name, module
 
 
-def candidate_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Every named module a config can target, in order: wrappers count as their path, insides are skipped."""
+def candidate_modules(model: nn.Module, prefix: str = "", into_copies: bool = False) -> Iterator[tuple[str, nn.Module]]:
+    """Every named module a config can target, in order: wrappers count as their path, insides are skipped;
+    with into_copies, the original inside each modules_to_save wrapper is walked too (a model without the
+    wrappers has those modules)."""
     for child_name, child in model.named_children():
         name = f"{prefix}.{child_name}" if prefix else child_name
         yield name, child
-        if not isinstance(child, LoraLayer | ModuleCopies):
-            yield from candidate_modules(child, name)
+        if isinstance(child, ModuleCopies) and into_copies:
+            yield from candidate_modules(child.original, name, into_copies)
+        elif not isinstance(child, LoraLayer | ModuleCopies):
+            yield from candidate_modules(child, name, into_copies)
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
@@ -177,6 +181,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
         raise ValueError(f"adapter names are letters, digits, '_' and '-' (not {BASE!r}), got {adapter!r}")
     if adapter in configs(model):
         raise ValueError(f"the model already has an adapter named {adapter!r}; delete it first or pick another name")
+    check_not_disabled(model, "add an adapter")
     check_merged_stay_active(model, [adapter])  # the new adapter becomes the only active one
     targets = find_targets(model, config)
     # wrap everything first, so that an unsupported module fails before the model is touched
@@ -298,11 +303,20 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     previous = [m.disabled for m in switches]
     for m in switches:
         m.disabled = True
+    depth = model.__dict__.get("lorakit_disabled", 0)
+    model.__dict__["lorakit_disabled"] = depth + 1  # inject and merge refuse to run inside (check_not_disabled)
     try:
         yield model
     finally:
         for m, state in zip(switches, previous, strict=True):
             m.disabled = state
+        model.__dict__["lorakit_disabled"] = depth
+
+
+def check_not_disabled(model: nn.Module, action: str) -> None:
+    """Refuses `action` inside `disabled(model)`: a new layer would run there, a merge would change the base."""
+    if model.__dict__.get("lorakit_disabled", 0):
+        raise RuntimeError(f"cannot {action} inside lk.disabled(model): do it before or after the block")
 
 
 # -- merging ----------------------------------------------------------------------------------------
@@ -314,6 +328,7 @@ def merge(model: nn.Module, safe: bool = False) -> None:
     safe=True computes every merged weight first and raises, leaving all weights untouched, if any
     would hold NaN or inf.
     """
+    check_not_disabled(model, "merge")
     layers = [(path, layer) for path, layer in lora_layers(model)]
     to_merge = [path for path, layer in layers if set(layer.active_adapters) - set(layer.merged_adapters)]
     refuse_tied(model, to_merge, "merging would change both; keep the adapter unmerged, or untie the weights first")
@@ -359,6 +374,7 @@ def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:
         _set_module(model, path, copies.current() if keep_copies else copies.original)
     model.__dict__.pop("lorakit_configs", None)
     model.__dict__.pop("lorakit_active", None)
+    model.__dict__.pop("lorakit_disabled", None)
     return model
 
 
@@ -420,6 +436,12 @@ def trained_biases(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
             bias == "all" and name.rsplit(".", 1)[-1] == "bias" and ".lora_" not in name and not name.startswith(copies)
         ):
             found[PEFT_PREFIX + name] = p
+    if bias == "all":  # a module only other adapters copy (modules_to_save): its original runs for this adapter
+        for path, module in module_copies(model):
+            if adapter not in module.copies:
+                for name, p in module.original.named_parameters():
+                    if name.rsplit(".", 1)[-1] == "bias":
+                        found[f"{PEFT_PREFIX}{path}.{name}"] = p
     return found
 
 
