@@ -267,8 +267,8 @@ def test_real_pretrained_minilm_learns_topics_from_chance_to_90_percent(tmp_path
     [
         (lambda m, d, o: finetune_args(o.parent / "missing-model", d, o), "no model directory at"),
         (lambda m, d, o: finetune_args(m, d.parent / "missing.jsonl", o), "no data file at"),
-        (lambda m, d, o: finetune_args(m, d, o, "--r", "0"), "--r must be a positive integer"),
-        (lambda m, d, o: finetune_args(m, d, o, "--max-length", "1"), "--max-length must be at least 2"),
+        (lambda m, d, o: finetune_args(m, d, o, "--r", "0"), "--rank must be a positive integer"),
+        (lambda m, d, o: finetune_args(m, d, o, "--max-length", "1"), "--max-length must be an integer of at least 2"),
         (lambda m, d, o: finetune_args(m, d, o, "--lr", "inf"), "--lr must be a positive number, got inf"),
         (lambda m, d, o: finetune_args(m, d, o, "--text-field", "body"), "line 1 has no field 'body'"),
         (lambda m, d, o: finetune_args(m, d, o, "--task", "seq-cls"), "line 1 has no field 'label'"),
@@ -289,6 +289,23 @@ def test_bad_input_exits_2_with_one_line_and_leaves_the_adapter_alone(
     assert message in err and err.startswith("lorakit: error:")
     assert (out / "adapter_model.safetensors").read_bytes() == b"the previous adapter"
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("epochs", 1.5, "--epochs must be a positive integer, got 1.5"),
+        ("steps", 2.5, "--steps must be a positive integer, got 2.5"),
+        ("max_length", 8.5, "--max-length must be an integer of at least 2, got 8.5"),
+        ("save_every", 1.5, "--save-every must be an integer >= 0, got 1.5"),
+        ("seed", 1.5, "--seed must be an integer >= 0, got 1.5"),
+        ("lr", "1e-3", "--lr must be a positive number, got '1e-3'"),
+        ("dropout", None, "--dropout must be in [0, 1), got None"),
+    ],
+)
+def test_train_config_refuses_values_of_the_wrong_kind_by_flag(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lk.TrainConfig(model="m", data="d", out="o", **{field: value})
 
 
 def test_seq_cls_with_a_single_label_is_refused(tiny_llama, tmp_path, capsys):

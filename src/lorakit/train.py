@@ -93,26 +93,30 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        def whole(v: Any) -> bool:
+            return isinstance(v, int)
+
         checks = [
-            (self.r, "--r", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+            (self.r, "--rank", lambda v: whole(v) and v > 0, "a positive integer"),
             (self.alpha, "--alpha", math.isfinite, "a finite number"),
             (self.lr, "--lr", lambda v: 0 < v < math.inf, "a positive number"),
             (self.lr_ratio, "--lr-ratio", lambda v: 0 < v < math.inf, "a positive number"),
             (self.weight_decay, "--weight-decay", lambda v: 0 <= v < math.inf, "a number >= 0"),
             (self.dropout, "--dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
             (self.warmup_ratio, "--warmup-ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
-            (self.epochs, "--epochs", lambda v: v > 0, "a positive integer"),
-            (self.batch_size, "--batch-size", lambda v: v > 0, "a positive integer"),
-            (self.grad_accum, "--grad-accum", lambda v: v > 0, "a positive integer"),
-            (self.max_length, "--max-length", lambda v: v >= 2, "at least 2"),
-            (self.save_every, "--save-every", lambda v: v >= 0, ">= 0"),
-            (self.keep_checkpoints, "--keep-checkpoints", lambda v: v > 0, "a positive integer"),
+            (self.epochs, "--epochs", lambda v: whole(v) and v > 0, "a positive integer"),
+            (self.batch_size, "--batch-size", lambda v: whole(v) and v > 0, "a positive integer"),
+            (self.grad_accum, "--grad-accum", lambda v: whole(v) and v > 0, "a positive integer"),
+            (self.max_length, "--max-length", lambda v: whole(v) and v >= 2, "an integer of at least 2"),
+            (self.save_every, "--save-every", lambda v: whole(v) and v >= 0, "an integer >= 0"),
+            (self.keep_checkpoints, "--keep-checkpoints", lambda v: whole(v) and v > 0, "a positive integer"),
+            (self.seed, "--seed", lambda v: whole(v) and v >= 0, "an integer >= 0"),
         ]
         if self.steps is not None:
-            checks.append((self.steps, "--steps", lambda v: v > 0, "a positive integer"))
+            checks.append((self.steps, "--steps", lambda v: whole(v) and v > 0, "a positive integer"))
         for value, flag, ok, what in checks:
-            if isinstance(value, bool) or not ok(value):
-                raise ValueError(f"{flag} must be {what}, got {value}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+                raise ValueError(f"{flag} must be {what}, got {value!r}")
 
 
 @dataclass

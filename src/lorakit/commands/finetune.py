@@ -48,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAMES",
         help="'all-linear', a comma-separated list of module names, or a regex (default all-linear)",
     )
-    lora.add_argument("--r", "--rank", dest="r", type=int, default=8, help="rank (default 8)")
+    # --rank first: torchrun's own parser takes "--r" for an abbreviation of its --rdzv-* options
+    lora.add_argument("--rank", "--r", dest="r", type=int, default=8, help="rank r of the adapter (default 8)")
     lora.add_argument("--alpha", type=float, default=16.0, help="α; the update is scaled by α/r (default 16)")
     lora.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapter's input (default 0.05)")
     opt = p.add_argument_group("optimization")
