@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,6 +174,29 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, 
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert adapters_equal(single, tmp_path / "multi", atol=1e-5)
+
+
+def test_two_processes_with_dropout_resume_bit_for_bit_like_an_uninterrupted_run(tiny_llama, tmp_path):
+    # texts of many lengths: the two processes pad to different shapes and draw different numbers of dropout
+    # masks, so each process's own generator state must come back, not rank 0's
+    rng = random.Random(1)
+    rows = [{"text": " ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1, 4)))} for _ in range(64)]
+    data = write_jsonl(tmp_path / "varied.jsonl", rows)
+    args = ["--steps", "4", "--save-every", "2", "--dropout", "0.2", "--batch-size", "4", "--no-progress"]
+
+    def torchrun(out, *extra):
+        argv = [*TORCHRUN, "2", "-m", "lorakit", *finetune_args(tiny_llama, data, out, *args, *extra)]
+        result = subprocess.run(argv, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun(tmp_path / "full")
+    torchrun(tmp_path / "resumed")
+    run = tmp_path / "resumed"  # as a kill after step 2 leaves it: the later checkpoint and the results gone
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "train_config.json"):
+        (run / name).unlink()
+    torchrun(run, "--resume")
+    assert adapters_equal(tmp_path / "full", run)
 
 
 def test_fsdp_evaluation_over_an_uneven_split_finishes_with_the_metrics_of_one_process(tiny_llama, tmp_path):

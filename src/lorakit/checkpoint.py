@@ -59,10 +59,16 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     extra: dict[str, Any],
     keep: int,
+    rank_rng_states: list[torch.Tensor] | None = None,
 ) -> Path:
-    """Writes checkpoint `step` (after `step` optimizer steps) and prunes all but the newest `keep`."""
+    """Writes checkpoint `step` (after `step` optimizer steps) and prunes all but the newest `keep`.
+
+    `rank_rng_states`, under torchrun: every process's CPU generator state, in rank order (each draws its own
+    dropout masks, as many as its batch shapes ask for), which `load_checkpoint(..., rank=r)` gives back."""
     optimizer_state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    for rank, state in enumerate(rank_rng_states or []):
+        tensors[f"rng.rank.{rank}"] = state
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
@@ -96,8 +102,10 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int = 0,
 ) -> dict[str, Any]:
     """Restores adapter weights, optimizer, scheduler and RNG states from `path`; returns its JSON state.
+    Under torchrun, process `rank` takes its own CPU generator state where the checkpoint holds one per rank.
 
     Every file is read and checked before anything is restored: a damaged checkpoint, or one of another
     run, is one ValueError naming the file, and leaves the model, optimizer, scheduler and RNGs as they were.
@@ -121,7 +129,7 @@ def load_checkpoint(
     except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise ValueError(f"{path / STATE_NAME} is not a usable checkpoint state: {_describe(error)}") from None
     try:
-        cpu_rng, cuda_rngs = _rng_states(tensors)
+        cpu_rng, cuda_rngs = _rng_states(tensors, rank)
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path / TENSORS_NAME} holds no usable RNG states: {_describe(error)}") from None
     # everything is read and checked: restore, and should torch still refuse a state, undo what was restored
@@ -205,11 +213,13 @@ def _optimizer_state(
     return {"state": per_param, "param_groups": groups}
 
 
-def _rng_states(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The CPU generator's state and the CUDA generators' states, in device order."""
-    cpu = tensors["rng.torch"]
+def _rng_states(tensors: dict[str, torch.Tensor], rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Process `rank`'s CPU generator state (the saving process's where there is none per rank) and the CUDA
+    generators' states, in device order."""
+    key = f"rng.rank.{rank}" if f"rng.rank.{rank}" in tensors else "rng.torch"
+    cpu = tensors[key]
     if cpu.dtype != torch.uint8 or cpu.shape != torch.get_rng_state().shape:
-        raise ValueError(f"rng.torch is a {cpu.dtype} tensor of shape {tuple(cpu.shape)}, not a CPU generator state")
+        raise ValueError(f"{key} is a {cpu.dtype} tensor of shape {tuple(cpu.shape)}, not a CPU generator state")
     prefix = "rng.cuda."
     cuda = {int(key[len(prefix) :]): value for key, value in tensors.items() if key.startswith(prefix)}
     return cpu, [cuda[i] for i in sorted(cuda)]  # numerically: device 10 after device 2

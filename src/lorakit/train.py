@@ -93,6 +93,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+
         def whole(v: Any) -> bool:
             return isinstance(v, int)
 
@@ -141,6 +142,13 @@ class Processes:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every process's `tensor` (same shape and dtype on each), in rank order, on the CPU."""
+        local = tensor.to(self.device)  # nccl moves only device tensors
+        gathered = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(gathered, local)
+        return [t.cpu() for t in gathered]
 
     def all_sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -342,7 +350,7 @@ class Trainer:
         if path is None:
             self.say("--resume: no checkpoint yet, starting from the beginning")
             return
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.procs.rank)
         then, now = state.get("run", {}), self.run_settings()  # no "run": a checkpoint from before they were kept
         if not isinstance(then, dict):
             raise ValueError(f"{path}: its 'run' settings are not a JSON object")
@@ -499,6 +507,7 @@ class Trainer:
                 f.write(json_line(record))
 
     def checkpoint(self, step: int) -> None:
+        rank_states = self.procs.all_gather(torch.get_rng_state()) if self.procs.world > 1 else None
         if self.procs.main:
             save_checkpoint(
                 self.out,
@@ -508,6 +517,7 @@ class Trainer:
                 self.scheduler,
                 {"run": self.run_settings()},
                 self.config.keep_checkpoints,
+                rank_states,
             )
         if self.procs.world > 1:
             dist.barrier()
