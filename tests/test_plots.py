@@ -40,3 +40,19 @@ def test_the_suffix_names_the_format_and_an_unknown_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"plot.xyz: matplotlib writes no .xyz files"):
         save_figure(plt.figure(), tmp_path / "plot.xyz")
     assert plt.get_fignums() == [] and not (tmp_path / "plot.xyz").exists()
+
+
+def test_drawing_a_plot_leaves_the_processs_matplotlib_backend_alone(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import matplotlib; matplotlib.use('svg')\n"  # as a notebook's inline backend would be chosen
+        "import torch; from lorakit.plots import spectrum_plot\n"
+        f"spectrum_plot({{'W': torch.tensor([3.0, 1.0])}}, {str(tmp_path / 'spectrum.png')!r})\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "svg"
+    assert (tmp_path / "spectrum.png").read_bytes().startswith(b"\x89PNG")

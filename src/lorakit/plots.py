@@ -1,18 +1,17 @@
-"""Plots (matplotlib, Agg backend; PNG unless the file name says .svg or .pdf): spectra and energy curves,
-written atomically."""
+"""Plots (matplotlib figures outside pyplot; PNG unless the file name says .svg or .pdf): spectra and energy
+curves, written atomically."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lorakit import lowrank
@@ -28,7 +27,15 @@ __all__ = [
 ]
 
 
-def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
+def subplots(rows: int = 1, columns: int = 1, **options: Any) -> tuple[Figure, Any]:
+    """A figure and its axes, like plt.subplots, but outside pyplot: no backend is chosen or switched for the
+    process (a notebook keeps its inline plots), and no figure is left registered anywhere."""
+    figure_options = {key: options.pop(key) for key in ("figsize", "layout") if key in options}
+    fig = Figure(**figure_options)
+    return fig, fig.subplots(rows, columns, **options)
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
     """Writes `fig` at `path` (atomically) in the format its suffix names, PNG without one, and closes it."""
     try:
         fmt = Path(path).suffix.lstrip(".").lower() or "png"
@@ -44,7 +51,7 @@ def spectrum_plot(
     spectra: Mapping[str, torch.Tensor], path: str | os.PathLike, energy_fraction: float | None = None
 ) -> None:
     """Left: singular values (log scale) of each named matrix. Right: their cumulative energy."""
-    fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_s, ax_e) = subplots(1, 2, figsize=(11, 4))
     for name, S in spectra.items():
         S = S.detach().double().cpu()
         curve = lowrank.energy_of_spectrum(S).numpy()
@@ -66,7 +73,7 @@ def spectrum_plot(
 
 def error_bars_plot(errors: Mapping[str, Sequence[int]], highlight: int, path: str | os.PathLike) -> None:
     """Grouped bars: wrong predictions per class for each named model; the `highlight` class is marked."""
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = subplots(figsize=(10, 4))
     classes = range(len(next(iter(errors.values()))))
     width = 0.8 / len(errors)
     for i, (name, counts) in enumerate(errors.items()):
@@ -85,7 +92,7 @@ def error_bars_plot(errors: Mapping[str, Sequence[int]], highlight: int, path: s
 
 def loss_plot(curves: Mapping[str, Sequence[float]], path: str | os.PathLike) -> None:
     """One panel per named training-loss curve, loss against step (log scale)."""
-    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5), squeeze=False, layout="constrained")
+    fig, axes = subplots(1, len(curves), figsize=(4 * len(curves), 3.5), squeeze=False, layout="constrained")
     for ax, (name, losses) in zip(axes[0], curves.items(), strict=True):
         ax.plot(range(1, len(losses) + 1), losses, linewidth=1)
         ax.set(title=name, xlabel="step", ylabel="loss")
@@ -100,7 +107,7 @@ def training_plot(records: Sequence[Mapping], path: str | os.PathLike) -> None:
     where there is one."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    fig, ax = subplots(figsize=(7, 4), layout="constrained")
     if train:
         ax.plot(*zip(*train, strict=True), linewidth=1, label="training loss")
     if evals:
@@ -119,7 +126,7 @@ def similarity_heatmaps(grids: Mapping[str, Sequence[Sequence[float]]], path: st
     names = list(grids)[:MAX_HEATMAPS]
     columns = min(4, len(names))
     rows = (len(names) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3 * rows), squeeze=False, layout="constrained")
+    fig, axes = subplots(rows, columns, figsize=(3.2 * columns, 3 * rows), squeeze=False, layout="constrained")
     image = None
     for ax, name in zip(axes.flat, names, strict=False):
         grid = np.asarray(grids[name], dtype=float)
