@@ -347,12 +347,10 @@ def _meta_model(model_dir: Path) -> nn.Module | None:
         return None
 
 
-def module_kinds(model_dir: Path) -> dict[str, str]:
-    """{module path: "linear" | "conv1d" | "embedding"} of a transformers model directory; {} when the
-    directory holds no loadable config."""
+def module_kinds(model: nn.Module | None) -> dict[str, str]:
+    """{module path: "linear" | "conv1d" | "embedding"} of a model (`_meta_model`'s); {} for None."""
     from lorakit.layers import is_conv1d
 
-    model = _meta_model(model_dir)
     kinds = {}
     for name, module in model.named_modules() if model is not None else []:
         if isinstance(module, nn.Embedding):
@@ -364,10 +362,9 @@ def module_kinds(model_dir: Path) -> dict[str, str]:
     return kinds
 
 
-def tied_embedding(model_dir: Path) -> str | None:
-    """The path of the input embedding that a transformers model directory's model ties to its output head,
-    or None. Its checkpoint holds the shared weight once, under the embedding's name."""
-    model = _meta_model(model_dir)
+def tied_embedding(model: nn.Module | None) -> str | None:
+    """The path of the input embedding that a transformers model (`_meta_model`'s) ties to its output head, or
+    None. Its checkpoint holds the shared weight once, under the embedding's name."""
     if model is None:
         return None
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -395,10 +392,11 @@ def extract(
     The report holds each layer's rank, relative Frobenius error (measured) and energy kept.
     """
     check_rank_or_energy(r, energy)
-    directories = [Path(x) for x in (base, tuned) if isinstance(x, str | os.PathLike)]
-    if kinds is None:  # from whichever of the two is a model directory (BASE may be a bare .safetensors file)
-        kinds = next((found for found in map(module_kinds, directories) if found), {})
-    tied = {path for path in map(tied_embedding, directories) if path is not None}
+    # the models the two describe where they are model directories (BASE may be a bare .safetensors file)
+    models = [_meta_model(Path(x)) for x in (base, tuned) if isinstance(x, str | os.PathLike)]
+    if kinds is None:  # from whichever of the two is a model directory
+        kinds = next((found for found in map(module_kinds, models) if found), {})
+    tied = {path for path in map(tied_embedding, models) if path is not None}
     base_src, tuned_src = (x if isinstance(x, TensorSource) else TensorSource(x) for x in (base, tuned))
     base_names = set(base_src.names())
     missing = [k for k in tuned_src.names() if k not in base_names]
