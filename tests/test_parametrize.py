@@ -157,3 +157,28 @@ def test_factors_of_the_transposed_shape_are_refused_not_reshaped():
     layer = nn.Linear(784, 1000)  # weight (1000, 784): same size as 784 × 1000, another shape
     with pytest.raises(ValueError, match=r"\(784, 1000\) update for a weight of shape \(1000, 784\)"):
         parametrize.register_parametrization(layer, "weight", lk.LoRAParametrization(784, 1000, rank=1))
+
+
+def test_a_conv_layer_is_updated_as_its_flattened_matrix_and_a_wrong_shape_names_the_right_one():
+    conv = nn.Conv2d(3, 8, kernel_size=3)  # weight (8, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"LoRAParametrization\(8, 27\)"):
+        parametrize.register_parametrization(conv, "weight", lk.LoRAParametrization(*conv.weight.shape[:2]))
+    lora = lk.LoRAParametrization(8, 27, rank=2)
+    parametrize.register_parametrization(conv, "weight", lora)
+    randomize_b(lora)
+    W = conv.parametrizations.weight.original
+    expected = W + (lora.lora_B @ lora.lora_A).view(W.shape) * lora.scale
+    torch.testing.assert_close(conv.weight, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_layer_keeps_its_dtype_and_float32_factors(dtype):
+    layer = nn.Linear(10, 6).to(dtype)
+    lora = lk.LoRAParametrization(*layer.weight.shape, rank=2)
+    parametrize.register_parametrization(layer, "weight", lora)
+    randomize_b(lora)
+    assert layer.weight.dtype == dtype and lora.lora_A.dtype == lora.lora_B.dtype == torch.float32
+    W = layer.parametrizations.weight.original.float()
+    torch.testing.assert_close(layer.weight.float(), W + lora.lora_B @ lora.lora_A * lora.scale, rtol=1e-2, atol=1e-2)
+    layer(torch.randn(4, 10, dtype=dtype)).float().sum().backward()
+    assert lora.lora_B.grad is not None and lora.lora_B.grad.dtype == torch.float32

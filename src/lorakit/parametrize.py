@@ -8,7 +8,9 @@
 Every access to `layer.weight` then returns W + s · B A (s = alpha / rank) while `enabled` is true, and
 W itself while it is false. Naming follows the notes: `(features_in, features_out)` is the weight's shape
 as stored, i.e. (out, in) for nn.Linear; A is (rank × features_out) ~ N(0, 1) and B (features_in × rank)
-starts at zero, so B A has the weight's shape and starts at zero.
+starts at zero, so B A has the weight's shape and starts at zero. A conv layer's weight (out, in, k, k)
+is updated as the (out, in·k·k) matrix it flattens to: `LoRAParametrization(out, in * k * k)`. The factors
+are float32 whatever the layer's dtype; only the sum W + s·BA takes the layer's.
 
 This materialises the full W + s·BA on every forward pass, and autograd then builds a full-size gradient
 for it: clear for learning, slower and heavier for training than lorakit's layers (`lk.inject`), which
@@ -41,10 +43,13 @@ class LoRAParametrization(nn.Module):
             return original_weights
         delta = self.lora_B @ self.lora_A  # (features_in, features_out)
         rows = original_weights.shape[0]
-        if delta.shape != (rows, original_weights.numel() // rows):  # a conv weight is (out, in·k…) flattened
+        columns = original_weights.numel() // rows  # a conv weight (out, in, k…) is updated as (out, in·k…)
+        if delta.shape != (rows, columns):
             raise ValueError(
                 f"LoRAParametrization{tuple(delta.shape)} makes a {tuple(delta.shape)} update for a weight of "
-                f"shape {tuple(original_weights.shape)}: pass the weight's shape as stored, "
-                "LoRAParametrization(*layer.weight.shape)"
+                f"shape {tuple(original_weights.shape)}: pass the weight's rows and the rest, "
+                f"LoRAParametrization({rows}, {columns})"
             )
-        return original_weights + delta.view(original_weights.shape) * self.scale
+        # the factors stay float32 (torch's default) for a half-precision layer: only the sum takes its dtype,
+        # which parametrize requires of the weight it returns
+        return original_weights + (delta * self.scale).view(original_weights.shape).to(original_weights.dtype)
