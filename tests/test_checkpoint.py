@@ -132,6 +132,23 @@ def test_cuda_rng_states_are_restored_in_device_order_past_ten_devices(tmp_path,
     assert [int(state[0]) for state in restored] == list(range(devices))  # device 10 after 9, not after 1
 
 
+def test_each_torchrun_process_takes_its_own_cpu_and_cuda_generator_states(tmp_path, monkeypatch):
+    cpu = [torch.Generator().manual_seed(rank).get_state() for rank in range(2)]
+    cuda = [torch.full((16,), 10 + rank, dtype=torch.uint8) for rank in range(2)]
+    restored, restored_all = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8) for _ in range(2)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored_all.extend)
+    saved = save_checkpoint(tmp_path, 1, *run_state(seed=1), {}, keep=1, rank_rng_states=cpu, rank_cuda_rng_states=cuda)
+    for rank in (1, 0):
+        load_checkpoint(saved, *run_state(seed=1), rank=rank)
+        assert torch.equal(torch.get_rng_state(), cpu[rank])
+        assert int(restored.pop()[0]) == 10 + rank  # its own device's generator, not rank 0's view of it
+    assert not restored_all
+
+
 def test_saving_removes_what_a_killed_save_left_behind_and_nothing_else(tmp_path):
     root = tmp_path / "checkpoints"
     torn = root / ".step-000002.0123456789ab.tmp"  # the temporary directory of a save that a kill interrupted

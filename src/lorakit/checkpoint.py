@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = ["checkpoint_dirs", "latest_checkpoint", "load_checkpoint", "save_chec
 
 STATE_NAME = "trainer_state.json"
 TENSORS_NAME = "optimizer.safetensors"
+CUDA_DEVICE_KEY = re.compile(r"rng\.cuda\.\d+")  # one per device, as the saving process saw them
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -60,15 +62,19 @@ def save_checkpoint(
     extra: dict[str, Any],
     keep: int,
     rank_rng_states: list[torch.Tensor] | None = None,
+    rank_cuda_rng_states: list[torch.Tensor] | None = None,
 ) -> Path:
     """Writes checkpoint `step` (after `step` optimizer steps) and prunes all but the newest `keep`.
 
-    `rank_rng_states`, under torchrun: every process's CPU generator state, in rank order (each draws its own
-    dropout masks, as many as its batch shapes ask for), which `load_checkpoint(..., rank=r)` gives back."""
+    Under torchrun, `rank_rng_states` holds every process's CPU generator state and `rank_cuda_rng_states`
+    the state of each process's own CUDA device, in rank order (each draws its own dropout masks, as many as
+    its batch shapes ask for): `load_checkpoint(..., rank=r)` gives process r its own back."""
     optimizer_state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     for rank, state in enumerate(rank_rng_states or []):
         tensors[f"rng.rank.{rank}"] = state
+    for rank, state in enumerate(rank_cuda_rng_states or []):
+        tensors[f"rng.cuda.rank.{rank}"] = state
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
@@ -105,7 +111,8 @@ def load_checkpoint(
     rank: int = 0,
 ) -> dict[str, Any]:
     """Restores adapter weights, optimizer, scheduler and RNG states from `path`; returns its JSON state.
-    Under torchrun, process `rank` takes its own CPU generator state where the checkpoint holds one per rank.
+    Under torchrun, process `rank` takes its own CPU and CUDA generator states where the checkpoint holds
+    them per rank.
 
     Every file is read and checked before anything is restored: a damaged checkpoint, or one of another
     run, is one ValueError naming the file, and leaves the model, optimizer, scheduler and RNGs as they were.
@@ -129,7 +136,7 @@ def load_checkpoint(
     except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise ValueError(f"{path / STATE_NAME} is not a usable checkpoint state: {_describe(error)}") from None
     try:
-        cpu_rng, cuda_rngs = _rng_states(tensors, rank)
+        cpu_rng, cuda_rngs, own_cuda_rng = _rng_states(tensors, rank)
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path / TENSORS_NAME} holds no usable RNG states: {_describe(error)}") from None
     # everything is read and checked: restore, and should torch still refuse a state, undo what was restored
@@ -141,8 +148,11 @@ def load_checkpoint(
         _restore(params, weights_before, optimizer, optimizer_before, scheduler, scheduler_before)
         raise ValueError(f"{path / STATE_NAME} is not a usable checkpoint state: {_describe(error)}") from None
     torch.set_rng_state(cpu_rng)
-    if torch.cuda.is_available() and len(cuda_rngs) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_rngs)
+    if torch.cuda.is_available():
+        if own_cuda_rng is not None:
+            torch.cuda.set_rng_state(own_cuda_rng)  # this process's device (torchrun: one device each)
+        elif len(cuda_rngs) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rngs)
     return state
 
 
@@ -213,13 +223,18 @@ def _optimizer_state(
     return {"state": per_param, "param_groups": groups}
 
 
-def _rng_states(tensors: dict[str, torch.Tensor], rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Process `rank`'s CPU generator state (the saving process's where there is none per rank) and the CUDA
-    generators' states, in device order."""
+def _rng_states(
+    tensors: dict[str, torch.Tensor], rank: int
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """Process `rank`'s CPU generator state (the saving process's where there is none per rank), every CUDA
+    device's state as the saving process saw them, in device order, and process `rank`'s own CUDA device's
+    state where the checkpoint holds one per rank."""
     key = f"rng.rank.{rank}" if f"rng.rank.{rank}" in tensors else "rng.torch"
     cpu = tensors[key]
     if cpu.dtype != torch.uint8 or cpu.shape != torch.get_rng_state().shape:
         raise ValueError(f"{key} is a {cpu.dtype} tensor of shape {tuple(cpu.shape)}, not a CPU generator state")
-    prefix = "rng.cuda."
-    cuda = {int(key[len(prefix) :]): value for key, value in tensors.items() if key.startswith(prefix)}
-    return cpu, [cuda[i] for i in sorted(cuda)]  # numerically: device 10 after device 2
+    devices = {int(key.rsplit(".", 1)[1]): value for key, value in tensors.items() if CUDA_DEVICE_KEY.fullmatch(key)}
+    own = tensors.get(f"rng.cuda.rank.{rank}")
+    if own is not None and own.dtype != torch.uint8:
+        raise ValueError(f"rng.cuda.rank.{rank} is a {own.dtype} tensor, not a CUDA generator state")
+    return cpu, [devices[i] for i in sorted(devices)], own  # numerically: device 10 after device 2

@@ -507,7 +507,11 @@ class Trainer:
                 f.write(json_line(record))
 
     def checkpoint(self, step: int) -> None:
-        rank_states = self.procs.all_gather(torch.get_rng_state()) if self.procs.world > 1 else None
+        rank_states = cuda_states = None
+        if self.procs.world > 1:
+            rank_states = self.procs.all_gather(torch.get_rng_state())
+            if torch.cuda.is_available():
+                cuda_states = self.procs.all_gather(torch.cuda.get_rng_state())  # each process's own device
         if self.procs.main:
             save_checkpoint(
                 self.out,
@@ -518,6 +522,7 @@ class Trainer:
                 {"run": self.run_settings()},
                 self.config.keep_checkpoints,
                 rank_states,
+                cuda_states,
             )
         if self.procs.world > 1:
             dist.barrier()
