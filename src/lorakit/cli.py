@@ -46,12 +46,14 @@ def _show_warning(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`lorakit ...`: runs one command; returns 0, 2 for bad usage or input (one `lorakit: error:` line), 1
+    when the reader of its output went away, 130 on Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():  # restores Python's own display when the command returns
             warnings.showwarning = _show_warning
-            args.run(args, parser)
+            args.run(args)
     except BrokenPipeError:  # the reader went away (`lorakit inspect --json | head`): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails once more
         return 1  # as rich does for what it prints, and Python for a closed pipe
@@ -63,7 +65,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("lorakit: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -81,10 +81,10 @@ class LoraConfig:
             self.modules_to_save = list(dict.fromkeys([*(self.modules_to_save or []), "classifier", "score"]))
         if self.target_modules is None:
             raise ValueError("LoraConfig needs target_modules: module names, a regex string or 'all-linear'")
-        _check_rank("r", self.r)
+        check_positive_int("r", self.r)
         _check_alpha("alpha", self.alpha)
         for key, value in self.rank_pattern.items():
-            _check_rank(f"rank_pattern[{key!r}]", value)
+            check_positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             _check_alpha(f"alpha_pattern[{key!r}]", value)
         for pattern in [*self.rank_pattern, *self.alpha_pattern]:
@@ -105,9 +105,11 @@ class LoraConfig:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
 
     def rank_for(self, module_name: str) -> int:
+        """The rank of the module at `module_name`: its `rank_pattern` entry, else r."""
         return pattern_value(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
+        """The α of the module at `module_name`: its `alpha_pattern` entry, else alpha."""
         return pattern_value(self.alpha_pattern, module_name, self.alpha)
 
     def scale_for(self, module_name: str, r: int | None = None) -> float:
@@ -117,7 +119,8 @@ class LoraConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
-def _check_rank(name: str, value: Any) -> None:
+def check_positive_int(name: str, value: Any) -> None:
+    """Refuses a value that is not a positive integer (a bool is not one), naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 

@@ -11,6 +11,7 @@ __all__ = ["make_console"]
 
 
 def make_console(stderr: bool = False) -> Console:
+    """lorakit's rich console: no syntax colouring of numbers, lines kept whole, 120 columns when not a terminal."""
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else 120
     return Console(highlight=False, soft_wrap=True, stderr=stderr, width=width)

@@ -31,6 +31,7 @@ from torch import nn
 import lorakit as lk
 from lorakit import lowrank
 from lorakit.atomic import atomic_file, write_text_atomic
+from lorakit.config import check_positive_int
 from lorakit.console import make_console
 from lorakit.files import write_safetensors
 from lorakit.plots import error_bars_plot, loss_plot, spectrum_plot
@@ -56,8 +57,7 @@ class DemoSettings:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"--rank must be a positive integer, got {self.rank}")
+        check_positive_int("--rank", self.rank)
         if self.steps < 0:
             raise ValueError(f"--steps must be >= 0, got {self.steps}")
         if not math.isfinite(self.alpha):  # checked here, not by LoraConfig after the base model has trained

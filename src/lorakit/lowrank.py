@@ -122,6 +122,7 @@ def rank_of_spectrum(S: torch.Tensor, shape: tuple[int, ...], tol: float | None 
 
 
 def effective_rank_of_spectrum(S: torch.Tensor) -> float:
+    """`effective_rank` from the singular values S: exp of the entropy of σᵢ / Σσ."""
     if S.numel() == 0 or S.max() == 0:
         return 0.0
     S = S / S.max()  # scale-free, and Σσ of a matrix with entries near float max would overflow
@@ -131,6 +132,7 @@ def effective_rank_of_spectrum(S: torch.Tensor) -> float:
 
 
 def energy_of_spectrum(S: torch.Tensor) -> torch.Tensor:
+    """`energy` from the singular values S (descending): the cumulative share of Σσ², one value per rank."""
     if S.numel() == 0 or S.max() == 0:
         return torch.ones_like(S)
     squares = (S / S.max()).square()  # scale-free, and σ² overflows from σ ≈ 1e154 (float64) on
@@ -142,6 +144,7 @@ def energy_of_spectrum(S: torch.Tensor) -> torch.Tensor:
 
 
 def rank_for_energy_of_spectrum(S: torch.Tensor, fraction: float) -> int:
+    """`rank_for_energy` from the singular values S: the smallest rank keeping `fraction` of Σσ²."""
     if not 0 < fraction <= 1:
         raise ValueError(f"energy fraction must be in (0, 1], got {fraction}")
     if S.numel() == 0 or S.max() == 0:

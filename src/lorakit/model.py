@@ -451,7 +451,8 @@ def trained_biases(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
 def forward_per_sample(model: nn.Module, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
     """Runs the model with adapter `adapter_names[i]` for sample i of the batch (`"__base__"`: none).
 
-    Each LoRA layer gathers its factors per sample and applies them in one batched matmul pair.
+    Linear and embedding layers gather their factors per sample and apply them in one batched matmul pair;
+    conv layers and `modules_to_save` copies run each adapter the batch names and keep its samples' rows.
     """
     names = [BASE, *dict.fromkeys(n for n in adapter_names if n != BASE)]
     check_known(model, names[1:])

@@ -23,14 +23,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorakit.config import check_positive_int
+
 __all__ = ["LoRAParametrization"]
 
 
 class LoRAParametrization(nn.Module):
-    def __init__(self, features_in: int, features_out: int, rank: int = 1, alpha: float = 1, device: str = "cpu"):
+    """W ↦ W + (alpha / rank) · B A while `enabled`, W itself otherwise; A (rank × features_out) ~ N(0, 1),
+    B (features_in × rank) zero. `(features_in, features_out)` is the weight's shape as stored."""
+
+    def __init__(
+        self, features_in: int, features_out: int, rank: int = 1, alpha: float = 1, device: str = "cpu"
+    ) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        check_positive_int("rank", rank)
         # LoRA paper, section 4.1: A random Gaussian, B zero, so ΔW = BA is zero at the start
         self.lora_A = nn.Parameter(torch.randn(rank, features_out, device=device))
         self.lora_B = nn.Parameter(torch.zeros(features_in, rank, device=device))
@@ -39,6 +45,7 @@ class LoRAParametrization(nn.Module):
         self.enabled = True
 
     def forward(self, original_weights: torch.Tensor) -> torch.Tensor:
+        """The weight the layer uses in place of `original_weights`."""
         if not self.enabled:
             return original_weights
         delta = self.lora_B @ self.lora_A  # (features_in, features_out)

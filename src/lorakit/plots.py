@@ -1,5 +1,6 @@
-"""Plots (matplotlib figures outside pyplot; PNG unless the file name says .svg or .pdf): spectra and energy
-curves, written atomically."""
+"""The figures of the demo, the CLI and training (matplotlib figures outside pyplot; PNG unless the file name
+says .svg or .pdf): singular-value spectra and energy curves, per-digit errors, loss and training curves, and
+subspace-similarity heatmaps, each written atomically."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from lorakit import lowrank
 from lorakit.atomic import atomic_dir
-from lorakit.config import matches_target
+from lorakit.config import check_positive_int, matches_target
 from lorakit.files import (
     CONFIG_NAME,
     config_from_peft,
@@ -99,6 +99,7 @@ class AdapterState:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> AdapterState:
+        """A PEFT-format adapter directory, its config checked and its tensors read (safetensors only)."""
         directory = Path(directory)
         raw = read_adapter_config(directory)
         config_from_peft(raw, str(directory / CONFIG_NAME))  # validates it
@@ -233,18 +234,12 @@ def frobenius_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: to
     return float(((B1.double().mT @ B2.double()) * (A1.double() @ A2.double().mT)).sum())
 
 
-def check_rank(r: int) -> None:
-    """Refuses a rank that is not a positive integer."""
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"rank must be a positive integer, got {r!r}")
-
-
 def check_rank_or_energy(r: int | None, energy: float | None) -> None:
     """Exactly one of a positive integer rank or an energy fraction in (0, 1], checked before any work."""
     if (r is None) == (energy is None):
         raise ValueError("give exactly one of a rank or an energy fraction")
     if r is not None:
-        check_rank(r)
+        check_positive_int("rank", r)
     elif not 0 < energy <= 1:
         raise ValueError(f"energy fraction must be in (0, 1], got {energy}")
 
@@ -512,7 +507,7 @@ def combine(
     if r is not None:
         if method != "svd":
             raise ValueError(f"a rank only applies to method 'svd', not {method!r}")
-        check_rank(r)
+        check_positive_int("rank", r)
     states = [_as_state(a) for a in adapters]
     per_adapter = [{layer.path: layer for layer in s.layers()} for s in states]
     paths = list(dict.fromkeys(path for layers in per_adapter for path in layers))

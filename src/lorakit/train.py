@@ -62,7 +62,8 @@ METRICS_NAME = "metrics.jsonl"
 
 @dataclass
 class TrainConfig:
-    """Everything `lk.train` needs. Paths are local directories or files; see `lorakit finetune --help`."""
+    """Everything `lk.train` needs. Paths are local directories or files (`model` may also be a hub id);
+    see `lorakit finetune --help`."""
 
     model: str
     data: str
@@ -123,6 +124,10 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """What `lk.train` returns: the run's directory, its step count, the last step's training loss (None when
+    no step ran, as in a resume of a finished run; not finite if the run diverged), the final eval metrics
+    ({} without eval data) and the wall-clock seconds."""
+
     out: Path
     steps: int
     final_loss: float | None

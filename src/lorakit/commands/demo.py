@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def run(args: argparse.Namespace) -> None:
     settings = DemoSettings(
         out=args.out, seed=args.seed, rank=args.rank, alpha=args.alpha, steps=args.steps, quick=args.quick
     )

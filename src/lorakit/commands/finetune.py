@@ -97,7 +97,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def run(args: argparse.Namespace) -> None:
     config = TrainConfig(
         model=args.model,
         data=args.data,

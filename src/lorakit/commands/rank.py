@@ -154,7 +154,7 @@ def _print_table(stats: dict[str, dict], console: Console) -> None:
     console.print(table)
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def run(args: argparse.Namespace) -> None:
     if not 0 < args.energy <= 1:
         raise ValueError(f"--energy must be in (0, 1], got {args.energy}")
     if args.top < 0:

@@ -121,7 +121,7 @@ def _cell(value: object) -> str:
 # The arguments are checked once, by the library: its ValueErrors reach the user as "lorakit: error: ...".
 
 
-def run_extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def run_extract(args: argparse.Namespace) -> None:
     targets = targets_from_text(args.targets)
     state = svd_tools.extract(args.base, args.tuned, r=args.rank, energy=args.energy, targets=targets)
     state.config["base_model_name_or_path"] = str(args.base)
@@ -138,7 +138,7 @@ def run_extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     console.print(f"adapter written to {args.out}/ (report.json beside it)")
 
 
-def run_resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def run_resize(args: argparse.Namespace) -> None:
     state = svd_tools.resize(args.adapter, r=args.rank, energy=args.energy)
     state.save(args.out)
     columns = [
@@ -152,7 +152,7 @@ def run_resize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     console.print(f"adapter written to {args.out}/")
 
 
-def run_combine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def run_combine(args: argparse.Namespace) -> None:
     state = svd_tools.combine(args.adapters, args.weights, method=args.method, r=args.rank)
     state.save(args.out)
     console = make_console()
@@ -165,7 +165,7 @@ def run_combine(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     console.print(f"adapter written to {args.out}/")
 
 
-def run_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def run_inspect(args: argparse.Namespace) -> None:
     rows = list(svd_tools.inspect(args.adapter))
     console = make_console()
     if args.json:
@@ -196,7 +196,7 @@ def run_inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         console.print(f"spectrum plot: {args.plot}")
 
 
-def run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def run_compare(args: argparse.Namespace) -> None:
     rows = list(svd_tools.compare(args.first, args.second))
     console = make_console()
     if args.json:
