@@ -27,6 +27,7 @@ from lorakit.atomic import atomic_dir
 from lorakit.config import LoraConfig, matches_target
 from lorakit.layers import LoraLinear
 from lorakit.model import (
+    KEY_SUFFIXES,
     PEFT_PREFIX,
     active_adapters,
     adapter_parameters,
@@ -90,25 +91,59 @@ def peft_config(model: nn.Module, adapter: str, base_model_name_or_path: str | N
     paths = [path for path, layer in lora_layers(model) if adapter in layer.lora_A]
     # SVD inits are written by name: PEFT (and lorakit) re-run them on the original weight when loading
     init = {"kaiming": True, "gaussian": "gaussian", False: False}.get(config.init, config.init)
-    return {
-        "peft_type": "LORA",
-        "task_type": config.task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "target_modules": exact_targets(model, paths),
-        "exclude_modules": None,
-        "lora_dropout": config.dropout,
-        "bias": config.bias,
-        "use_rslora": config.use_rslora,
-        "init_lora_weights": init,
-        "fan_in_fan_out": any(
+    return peft_config_dict(
+        task_type=config.task_type,
+        base_model_name_or_path=base_model_name_or_path,
+        r=config.r,
+        lora_alpha=config.alpha,
+        target_modules=exact_targets(model, paths),
+        lora_dropout=config.dropout,
+        bias=config.bias,
+        use_rslora=config.use_rslora,
+        init_lora_weights=init,
+        fan_in_fan_out=any(
             isinstance(layer, LoraLinear) and layer.fan_in_fan_out and adapter in layer.lora_A
             for _, layer in lora_layers(model)
         ),
-        "rank_pattern": dict(config.rank_pattern),
-        "alpha_pattern": dict(config.alpha_pattern),
-        "modules_to_save": config.modules_to_save,
+        rank_pattern=dict(config.rank_pattern),
+        alpha_pattern=dict(config.alpha_pattern),
+        modules_to_save=config.modules_to_save,
+    )
+
+
+def peft_config_dict(
+    *,
+    task_type: str | None,
+    base_model_name_or_path: str | None,
+    r: int,
+    lora_alpha: float,
+    target_modules: list[str] | str,
+    lora_dropout: float = 0.0,
+    bias: str = "none",
+    use_rslora: bool = False,
+    init_lora_weights: bool | str = True,
+    fan_in_fan_out: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    modules_to_save: list[str] | None = None,
+) -> dict[str, Any]:
+    """adapter_config.json's fields, as PEFT writes them for a LoRA adapter (the defaults: PEFT's own)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": target_modules,
+        "exclude_modules": None,
+        "lora_dropout": lora_dropout,
+        "bias": bias,
+        "use_rslora": use_rslora,
+        "init_lora_weights": init_lora_weights,
+        "fan_in_fan_out": fan_in_fan_out,
+        "rank_pattern": rank_pattern or {},
+        "alpha_pattern": alpha_pattern or {},
+        "modules_to_save": modules_to_save,
         "inference_mode": True,
     }
 
@@ -166,7 +201,8 @@ def write_adapter(
             if adapter in layer.lora_A and layer.initial_factors(adapter) is not None:
                 A0, B0 = layer.initial_factors(adapter)
                 A, B = to_plain_lora(layer.lora_A[adapter].detach(), layer.lora_B[adapter].detach(), A0, B0)
-                tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = A, B
+                a_key, b_key = KEY_SUFFIXES["linear"]  # SVD inits are for linear layers only
+                tensors[f"{PEFT_PREFIX}{path}.{a_key}"], tensors[f"{PEFT_PREFIX}{path}.{b_key}"] = A, B
         config = doubled_rank_config(config)
     write_adapter_files(directory, config, tensors)
 

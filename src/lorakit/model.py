@@ -54,6 +54,11 @@ __all__ = [
 
 BASE = "__base__"  # in forward_per_sample: this sample uses no adapter
 PEFT_PREFIX = "base_model.model."
+# the endings of each kind of layer's factor keys in PEFT's files, (A, B): conv layers' are the linear ones
+KEY_SUFFIXES = {
+    "linear": ("lora_A.weight", "lora_B.weight"),
+    "embedding": ("lora_embedding_A", "lora_embedding_B"),
+}
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 MAX_NAMES_SHOWN = 10
 
@@ -405,8 +410,7 @@ def adapter_parameters(model: nn.Module, adapter: str = "default") -> dict[str, 
     params = {}
     for path, layer in lora_layers(model):
         if adapter in layer.lora_A:
-            embedding = isinstance(layer, LoraEmbedding)
-            a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+            a_key, b_key = KEY_SUFFIXES["embedding" if isinstance(layer, LoraEmbedding) else "linear"]
             params[f"{PEFT_PREFIX}{path}.{a_key}"] = layer.lora_A[adapter]
             params[f"{PEFT_PREFIX}{path}.{b_key}"] = layer.lora_B[adapter]
     for path, copies in module_copies(model):

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -37,12 +37,13 @@ from lorakit.files import (
     CONFIG_NAME,
     config_from_peft,
     open_safetensors,
+    peft_config_dict,
     read_adapter_config,
     read_adapter_weights,
     read_json_object,
     write_adapter_files,
 )
-from lorakit.model import PEFT_PREFIX
+from lorakit.model import KEY_SUFFIXES, PEFT_PREFIX
 
 __all__ = [
     "AdapterState",
@@ -56,11 +57,8 @@ __all__ = [
     "resize",
 ]
 
-KEY_SUFFIXES = {
-    "linear": ("lora_A.weight", "lora_B.weight"),
-    "embedding": ("lora_embedding_A", "lora_embedding_B"),
-}
-
+CombineMethod = Literal["svd", "cat", "linear"]
+COMBINE_METHODS = get_args(CombineMethod)
 
 # -- adapters as stored -----------------------------------------------------------------------------------
 
@@ -185,24 +183,17 @@ def state_from_layers(
     r = max(ranks.values())
     # "^": a pattern key matches a path's end at a "." (PEFT and lorakit alike), so "fc" would also pick "block.fc"
     patterns = {f"^{re.escape(path)}": k for path, k in ranks.items() if k != r}
-    config = {
-        "peft_type": "LORA",
-        "task_type": template.get("task_type"),
-        "base_model_name_or_path": template.get("base_model_name_or_path"),
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": patterns,
-        "alpha_pattern": dict(patterns),  # α = r everywhere: every scale is 1
-        "target_modules": sorted(ranks),
-        "exclude_modules": None,
-        "lora_dropout": template.get("lora_dropout", 0.0),
-        "bias": "none",
-        "use_rslora": False,
-        "init_lora_weights": True,
-        "fan_in_fan_out": template.get("fan_in_fan_out", False),
-        "modules_to_save": None,
-        "inference_mode": True,
-    }
+    config = peft_config_dict(
+        task_type=template.get("task_type"),
+        base_model_name_or_path=template.get("base_model_name_or_path"),
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(ranks),
+        lora_dropout=template.get("lora_dropout", 0.0),
+        fan_in_fan_out=template.get("fan_in_fan_out", False),
+        rank_pattern=patterns,
+        alpha_pattern=dict(patterns),  # α = r everywhere: every scale is 1
+    )
     return AdapterState(config, tensors)
 
 
@@ -485,7 +476,7 @@ def resize(
 def combine(
     adapters: Sequence[str | os.PathLike | AdapterState],
     weights: Sequence[float] | None = None,
-    method: Literal["svd", "cat", "linear"] = "svd",
+    method: CombineMethod = "svd",
     r: int | None = None,
 ) -> AdapterState:
     """One adapter for Σ wᵢ ΔWᵢ, per layer (a layer missing from an adapter counts as ΔW = 0 there).
@@ -502,8 +493,8 @@ def combine(
         raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
     if not all(math.isfinite(w) for w in weights):
         raise ValueError(f"weights must be finite numbers, got {weights}")
-    if method not in ("svd", "cat", "linear"):
-        raise ValueError(f"method must be 'svd', 'cat' or 'linear', got {method!r}")
+    if method not in COMBINE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(COMBINE_METHODS)}, got {method!r}")
     if r is not None:
         if method != "svd":
             raise ValueError(f"a rank only applies to method 'svd', not {method!r}")

@@ -28,7 +28,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,7 @@ from lorakit.console import make_console
 from lorakit.data import (
     IGNORE_INDEX,
     Example,
+    Task,
     TextDataset,
     collate,
     epoch_order,
@@ -52,11 +53,11 @@ from lorakit.data import (
     read_records,
 )
 from lorakit.files import save_adapter
-from lorakit.model import adapter_parameters, inject, parameter_counts
+from lorakit.model import KEY_SUFFIXES, adapter_parameters, inject, parameter_counts
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TASKS", "TrainConfig", "TrainResult", "train"]
 
-TASKS = ("causal-lm", "seq-cls")
+TASKS = get_args(Task)  # ("causal-lm", "seq-cls")
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -68,7 +69,7 @@ class TrainConfig:
     model: str
     data: str
     out: str
-    task: Literal["causal-lm", "seq-cls"] = "causal-lm"
+    task: Task = "causal-lm"
     text_field: str = "text"
     label_field: str = "label"
     targets: str | list[str] = "all-linear"
@@ -353,7 +354,7 @@ class Trainer:
         Fused: one kernel updates every tensor, where the default steps through them one at a time in Python
         (as transformers' Trainer also defaults to on torch ≥ 2.8)."""
         params = adapter_parameters(self.model)
-        b_keys = {k for k in params if k.endswith(("lora_B.weight", "lora_embedding_B"))}
+        b_keys = {k for k in params if k.endswith(tuple(b for _, b in KEY_SUFFIXES.values()))}
         groups = [{"params": [p for k, p in params.items() if k not in b_keys], "lr": self.config.lr}]
         if b_keys:
             b_params = [p for k, p in params.items() if k in b_keys]  # in model order: checkpoints depend on it

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from lorakit.config import targets_from_text
-from lorakit.train import TrainConfig, train
+from lorakit.train import TASKS, TrainConfig, train
 
 __all__ = ["add_parser"]
 
@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--eval-data", metavar="FILE", help="evaluation data in the same format (eval loss, accuracy)")
     data.add_argument(
         "--task",
-        choices=("causal-lm", "seq-cls"),
+        choices=TASKS,
         default="causal-lm",
         help="causal-lm: learn to continue each text; seq-cls: learn each text's label",
     )

@@ -60,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("adapters", nargs="+", metavar="DIR", help="two or more adapter directories")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter (default 1 each)")
-    p.add_argument("--method", choices=("svd", "cat", "linear"), default="svd", help="how to combine (default svd)")
+    p.add_argument("--method", choices=svd_tools.COMBINE_METHODS, default="svd", help="how to combine (default svd)")
     p.add_argument("--rank", type=int, metavar="R", help="rank of the svd result (default: the largest input rank)")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the combined adapter")
     p.set_defaults(run=run_combine)
