@@ -17,6 +17,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,20 +135,46 @@ def machine(threads: int, device: torch.device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes, 3 rounds in one process a case: checks that the suite runs"
+        "--quick",
+        action="store_true",
+        help="tiny sizes, 3 rounds in one process a case: checks that the suite runs (its own settings, so not with "
+        "--settings, --processes or --repeats; writes into the temporary directory unless --out and --markdown say)",
     )
-    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), help="which settings to run")
-    parser.add_argument("--processes", type=int, default=4, help="fresh processes per timed case (default 4)")
-    parser.add_argument("--repeats", type=int, default=10, help="measured rounds per process (default 10)")
+    parser.add_argument(
+        "--settings", nargs="+", choices=sorted(SETTINGS), help="which settings to run (default: the two reported)"
+    )
+    parser.add_argument("--processes", type=int, help="fresh processes per timed case (default 4)")
+    parser.add_argument("--repeats", type=int, help="measured rounds per process (default 10)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"), help="results JSON")
-    parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="summary to write")
+    parser.add_argument("--out", help="results JSON (default bench/results.json)")
+    parser.add_argument("--markdown", help="summary to write (default BENCHMARKS.md)")
     args = parser.parse_args()
-    if args.processes < 1 or args.repeats < 1 or args.threads < 1:
+    if args.quick:
+        given = [flag for flag in ("settings", "processes", "repeats") if getattr(args, flag) is not None]
+        if given:
+            parser.error(f"--quick runs its own settings: drop --{', --'.join(given)}")
+        settings, repeats, processes = [QUICK], 3, 1
+        default_dir = Path(tempfile.gettempdir()) / "lorakit-bench-quick"  # never over the committed results
+    else:
+        settings = [SETTINGS[n] for n in args.settings or [REFERENCE.name, GPT2.name]]
+        repeats = 10 if args.repeats is None else args.repeats
+        processes = 4 if args.processes is None else args.processes
+        default_dir = None
+    if repeats < 1 or processes < 1 or args.threads < 1:
         parser.error("--processes, --repeats and --threads must be positive")
+    out = Path(args.out) if args.out else (default_dir or ROOT / "bench") / "results.json"
+    markdown = Path(args.markdown) if args.markdown else (default_dir or ROOT) / "BENCHMARKS.md"
+    for path, flag in ((out, "--out"), (markdown, "--markdown")):
+        if path.is_dir():  # found now, not after the run: a full run takes minutes
+            parser.error(f"{flag} {path} is a directory")
+        if default_dir is None or path.parent != default_dir:
+            if not path.parent.is_dir():
+                parser.error(f"{flag} {path}: no directory {path.parent}")
+            if not os.access(path.parent, os.W_OK):
+                parser.error(f"{flag} {path}: {path.parent} is not writable")
+    if default_dir is not None:
+        default_dir.mkdir(exist_ok=True)
     device, dtype = device_and_dtype()
-    settings = [QUICK] if args.quick else [SETTINGS[n] for n in args.settings or [REFERENCE.name, GPT2.name]]
-    repeats, processes = (3, 1) if args.quick else (args.repeats, args.processes)
     started = time.time()
     try:
         measured = {s.name: run_setting(s, repeats, processes, args.threads) for s in settings}
@@ -162,9 +189,9 @@ def main() -> None:
         "settings": measured,
         "seconds": round(time.time() - started, 1),
     }
-    write_text_atomic(Path(args.out), json.dumps(results, indent=2) + "\n")
-    write_markdown(results, Path(args.markdown))
-    print(f"wrote {args.out} and {args.markdown}")
+    write_text_atomic(out, json.dumps(results, indent=2) + "\n")
+    write_markdown(results, markdown)
+    print(f"wrote {out} and {markdown}")
 
 
 if __name__ == "__main__":

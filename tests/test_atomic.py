@@ -124,3 +124,10 @@ def test_a_write_that_cannot_start_names_the_destination_not_its_temporary():
         pytest.skip("needs Linux's /proc")
     with pytest.raises(FileNotFoundError, match=f"cannot write {target}: No such file or directory$"):
         write_text_atomic(target, "x")
+
+
+def test_a_file_over_a_directory_names_the_destination_not_its_temporary(tmp_path):
+    (tmp_path / "report.html").mkdir()
+    with pytest.raises(IsADirectoryError, match=f"cannot write {tmp_path / 'report.html'}: Is a directory$"):
+        write_text_atomic(tmp_path / "report.html", "x")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left

@@ -15,6 +15,22 @@ from bench.timing import ratio_interval, summary
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quick", "--repeats", "5"], "--quick runs its own settings: drop --repeats"),
+        (["--repeats", "0"], "--processes, --repeats and --threads must be positive"),
+        (["--markdown", "{tmp}"], "--markdown {tmp} is a directory"),
+        (["--out", "{tmp}/missing/results.json"], "--out {tmp}/missing/results.json: no directory {tmp}/missing"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_runs(tmp_path, args, message):
+    command = [sys.executable, "-m", "bench", *(a.format(tmp=tmp_path) for a in args)]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().endswith(message.format(tmp=tmp_path))
+
+
 def test_quick_benchmark_run_writes_results_and_summary(tmp_path):
     results, summary = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
     command = [sys.executable, "-m", "bench", "--quick", "--out", str(results), "--markdown", str(summary)]

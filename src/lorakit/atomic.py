@@ -40,6 +40,16 @@ def _sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
         return candidate
 
 
+def _rename_onto(source: Path, path: Path) -> None:
+    """os.replace(source, path); an error names `path`, what the caller asked to write, not the temporary."""
+    try:
+        os.replace(source, path)
+    except OSError as error:
+        if error.errno is None:
+            raise
+        raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from None
+
+
 def _new_file(path: Path) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
@@ -80,7 +90,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
-        os.replace(tmp, path)
+        _rename_onto(tmp, path)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
@@ -125,7 +135,7 @@ def _replace_entry(new: Path, target: Path) -> None:
     """Renames `new` onto `target`; a directory over an existing one goes through an aside rename, since
     a rename cannot replace a directory that holds anything."""
     if not (new.is_dir() and target.is_dir()):
-        os.replace(new, target)
+        _rename_onto(new, target)
         return
     aside = _sibling(target, ".old", _new_dir)
     os.replace(target, aside / target.name)

@@ -56,12 +56,19 @@ class DemoSettings:
     quick: bool = False  # fewer steps, for tests
 
     def __post_init__(self) -> None:
+        if not str(self.out).strip():  # Path("") is ".": the files would land wherever the command runs
+            raise ValueError("--out must not be empty")
         self.out = Path(self.out)
         check_positive_int("--rank", self.rank)
         if self.steps < 0:
             raise ValueError(f"--steps must be >= 0, got {self.steps}")
-        if not math.isfinite(self.alpha):  # checked here, not by LoraConfig after the base model has trained
-            raise ValueError(f"--alpha must be a finite number, got {self.alpha}")
+        if not 0 <= self.seed < 2**32:  # scikit-learn's split takes no other seed
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
+        # checked here, not by LoraConfig after the base model has trained
+        if not math.isfinite(self.alpha) or self.alpha == 0:
+            raise ValueError(
+                f"--alpha must be a finite, non-zero number (the update is scaled by α/r), got {self.alpha}"
+            )
         if self.quick:
             self.steps = min(self.steps, 60)
 

@@ -18,7 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "metrics.json, PNG plots and report.html.",
     )
     p.add_argument("--out", default="lorakit-demo", metavar="DIR", help="output directory (default lorakit-demo/)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split, the initialisation and the batches")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for the split, the initialisation and the batches, 0 to 2**32 - 1 (default 0)",
+    )
     p.add_argument("--rank", type=int, default=1, help="LoRA rank r (default 1)")
     p.add_argument("--alpha", type=float, default=1.0, help="LoRA α; the update is scaled by α/r (default 1)")
     p.add_argument("--steps", type=int, default=100, help="fine-tuning steps for each adapter (default 100)")
