@@ -27,6 +27,7 @@ __all__ = [
     "collate",
     "epoch_order",
     "label_values",
+    "read_jsonl",
     "read_lines",
     "read_records",
 ]
@@ -42,7 +43,7 @@ def read_records(path: str | os.PathLike, text_field: str = "text", label_field:
         raise FileNotFoundError(f"no data file at {path}")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
     elif suffix == ".csv":
         rows = _read_csv(path)
     else:
@@ -75,14 +76,18 @@ def read_lines(path: Path) -> list[str]:
         raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path, drop_torn_last: bool = False) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a JSONL file; a line that is not a JSON object is a
+    ValueError naming the file and the line. With `drop_torn_last`, a last line that is not valid JSON is
+    dropped instead: the one a process killed mid-write leaves torn."""
+    lines = [(number, line) for number, line in enumerate(read_lines(path), start=1) if line.strip()]
     rows = []
-    for number, line in enumerate(read_lines(path), start=1):
-        if not line.strip():
-            continue
+    for k, (number, line) in enumerate(lines):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
+            if drop_torn_last and k == len(lines) - 1:
+                break
             raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}: line {number} is not a JSON object")

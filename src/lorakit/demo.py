@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
 
@@ -32,7 +31,7 @@ import lorakit as lk
 from lorakit import lowrank
 from lorakit.atomic import atomic_file, write_text_atomic
 from lorakit.config import check_positive_int
-from lorakit.console import make_console
+from lorakit.console import make_console, make_progress
 from lorakit.files import write_safetensors
 from lorakit.plots import error_bars_plot, loss_plot, spectrum_plot
 from lorakit.report import write_report
@@ -122,8 +121,7 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     model.train()
     losses = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with make_progress(console) as progress:
         task = progress.add_task(label, total=steps)
         for _ in range(steps):
             batch = torch.randint(0, len(x), (BATCH,), generator=generator)

@@ -43,6 +43,7 @@ from lorakit.files import (
     read_json_object,
     write_adapter_files,
 )
+from lorakit.layers import is_conv1d
 from lorakit.model import KEY_SUFFIXES, PEFT_PREFIX
 
 __all__ = [
@@ -335,8 +336,6 @@ def _meta_model(model_dir: Path) -> nn.Module | None:
 
 def module_kinds(model: nn.Module | None) -> dict[str, str]:
     """{module path: "linear" | "conv1d" | "embedding"} of a model (`_meta_model`'s); {} for None."""
-    from lorakit.layers import is_conv1d
-
     kinds = {}
     for name, module in model.named_modules() if model is not None else []:
         if isinstance(module, nn.Embedding):

@@ -34,13 +34,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from lorakit.atomic import write_text_atomic
 from lorakit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lorakit.config import LoraConfig
-from lorakit.console import make_console
+from lorakit.console import make_console, make_progress
 from lorakit.data import (
     IGNORE_INDEX,
     Example,
@@ -49,7 +48,7 @@ from lorakit.data import (
     collate,
     epoch_order,
     label_values,
-    read_lines,
+    read_jsonl,
     read_records,
 )
 from lorakit.files import save_adapter
@@ -552,14 +551,13 @@ class Trainer:
         )
         trainable, total = parameter_counts(self.model)
         self.say(f"LoRA r={config.r}, α={config.alpha:g}: {trainable:,} trainable of {total:,} parameters")
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         loss, finite_so_far = None, True
         if self.procs.main:
             keep_metrics_until(self.out / METRICS_NAME, self.start_step)
         if self.start_step == 0 and self.eval_set is not None:
             self.log({"step": 0, **self.evaluate()})
         evaluation = None  # the eval of the last step, where it ran with a checkpoint
-        with Progress(*columns, console=self.console, disable=not (config.progress and self.procs.main)) as bar:
+        with make_progress(self.console, disable=not (config.progress and self.procs.main)) as bar:
             task = bar.add_task("training", total=self.total_steps, completed=self.start_step)
             for step in range(self.start_step, self.total_steps):
                 tick = time.perf_counter()
@@ -614,19 +612,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     A last line that is not valid JSON is dropped: it is the one a run killed mid-write left torn. Any
     other bad line is a ValueError naming the file and the line.
     """
-    lines = [(n, line) for n, line in enumerate(read_lines(Path(path)), 1) if line.strip()]
-    records = []
-    for k, (number, line) in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if k == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: line {number} is not a JSON object")
-        records.append(record)
-    return records
+    return [record for _, record in read_jsonl(Path(path), drop_torn_last=True)]
 
 
 def json_line(record: dict[str, Any]) -> str:
