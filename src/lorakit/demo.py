@@ -34,7 +34,7 @@ from lorakit.config import check_positive_int
 from lorakit.console import make_console, make_progress
 from lorakit.files import write_safetensors
 from lorakit.plots import error_bars_plot, loss_plot, spectrum_plot
-from lorakit.report import write_report
+from lorakit.report import low_rank_table, write_report
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -279,40 +279,22 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
         f"{accuracy_lora:.2%}; with a replay of {len(others)} other images it is {accuracy_replay:.2%} and digit "
         f"{worst} is wrong {errors_replay[worst]} times"
     )
-    error_table(
-        console,
-        {
-            "before": (errors_before, accuracy_before),
-            "LoRA on": (errors_lora, accuracy_lora),
-            "LoRA off": (errors_disabled, accuracy_disabled),
-            "LoRA + replay": (errors_replay, accuracy_replay),
-        },
-        worst,
-    )
+    evaluations = {  # model -> (errors per digit, accuracy)
+        "before": (errors_before, accuracy_before),
+        "LoRA on": (errors_lora, accuracy_lora),
+        "LoRA off": (errors_disabled, accuracy_disabled),
+        "LoRA + replay": (errors_replay, accuracy_replay),
+    }
+    error_table(console, evaluations, worst)
 
     # 5b. the low-rank view
     layer_rows, singular_values = low_rank_view(model, settings.rank)
     table = Table(title="Low-rank view", show_edge=False)
-    for column in (
-        "layer",
-        "W",
-        "rank W",
-        "eff. rank W",
-        "k for 90% energy",
-        f"energy in top {settings.rank}",
-        "rank ΔW",
-    ):
+    headings, rows = low_rank_table(layer_rows, settings.rank)
+    for column in headings:
         table.add_column(column, justify="right")
-    for row in layer_rows:
-        table.add_row(
-            row["layer"],
-            " × ".join(map(str, row["shape"])),
-            str(row["rank"]),
-            f"{row['effective_rank']}",
-            str(row["rank_for_90_energy"]),
-            f"{row[f'energy_top_{settings.rank}']:.3f}",
-            str(row["delta_rank"]),
-        )
+    for cells in rows:
+        table.add_row(*cells)
     console.print(table)
 
     # 5c. merging, and the adapter on disk. Merged and unmerged compute the same function; in float32 they
@@ -364,11 +346,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
         "replay_images": len(others),
         "layers": layer_rows,
     }
-    error_bars_plot(
-        {"before": errors_before, "LoRA on": errors_lora, "LoRA off": errors_disabled, "LoRA + replay": errors_replay},
-        worst,
-        out / "errors.png",
-    )
+    error_bars_plot({name: errors for name, (errors, _) in evaluations.items()}, worst, out / "errors.png")
     spectrum_plot(singular_values, out / "spectra.png", energy_fraction=0.9)
     loss_plot(
         {

@@ -8,7 +8,7 @@ import os
 
 from lorakit.atomic import write_text_atomic
 
-__all__ = ["write_report"]
+__all__ = ["low_rank_table", "write_report"]
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
@@ -17,6 +17,25 @@ table { border-collapse: collapse; margin: 0.5rem 0; } td, th { padding: 0.2rem 
 th { border-bottom: 1px solid #999; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; } .ok { color: #070; } .bad { color: #a00; } code { background: #f3f3f3; }
 """
+
+
+def low_rank_table(layers: list[dict], r: int) -> tuple[list[str], list[list[str]]]:
+    """The low-rank view's headings and rows, as text: one row per layer of the demo's metrics ("layers"), for
+    the console and the report alike."""
+    headings = ["layer", "W", "rank W", "eff. rank W", "k for 90% energy", f"energy in top {r}", "rank ΔW"]
+    rows = [
+        [
+            row["layer"],
+            " × ".join(map(str, row["shape"])),
+            str(row["rank"]),
+            str(row["effective_rank"]),
+            str(row["rank_for_90_energy"]),
+            f"{row[f'energy_top_{r}']:.3f}",
+            str(row["delta_rank"]),
+        ]
+        for row in layers
+    ]
+    return headings, rows
 
 
 def _table(header: list[str], rows: list[list[object]]) -> str:
@@ -51,18 +70,6 @@ def write_report(path: str | os.PathLike, m: dict) -> None:
             ("LoRA + replay", "replay"),
         )
     ]
-    layer_rows = [
-        [
-            row["layer"],
-            " × ".join(map(str, row["shape"])),
-            row["rank"],
-            row["effective_rank"],
-            row["rank_for_90_energy"],
-            f"{row[f'energy_top_{r}']:.3f}",
-            row["delta_rank"],
-        ]
-        for row in m["layers"]
-    ]
     sections = [
         f"<h1>lorakit demo: rank-{r} LoRA on an oversized digit classifier</h1>",
         f"<p>Seed {m['seed']}, {m['steps']} fine-tuning steps per adapter, α = {m['alpha']:g}; "
@@ -89,9 +96,7 @@ def write_report(path: str | os.PathLike, m: dict) -> None:
         "<h2>5. The low-rank view</h2>",
         f"<p>{_base_rank_sentence(m['layers'])} What is low-rank is the learned update ΔW = s·B·A, whose rank "
         "is at most r.</p>",
-        _table(
-            ["layer", "W", "rank W", "eff. rank W", "k for 90% energy", f"energy in top {r}", "rank ΔW"], layer_rows
-        ),
+        _table(*low_rank_table(m["layers"], r)),
         _image("spectra.png", "singular values and cumulative energy of the base weights"),
         "<h2>6. Merging and files</h2>",
         f"<p>Folding the adapter into the weights (W + s·B·A) gives the same function: the test logits differ "
