@@ -118,31 +118,22 @@ class AdapterState:
         config = config_from_peft(self.config)
         found = []
         for key, A in self.tensors.items():
-            for kind, (a_suffix, b_suffix) in KEY_SUFFIXES.items():
-                if key.endswith("." + a_suffix):
-                    stem = key[: -len(a_suffix)]
-                    path = stem[len(PEFT_PREFIX) :].rstrip(".") if stem.startswith(PEFT_PREFIX) else stem.rstrip(".")
-                    B = self.tensors.get(stem + b_suffix)
-                    if B is None:
-                        raise ValueError(f"adapter has {key} but no {stem + b_suffix}")
-                    _check_factors(key, A, stem + b_suffix, B)
-                    r = A.shape[0]
-                    scale = config.scale_for(path, r)  # the stored rank decides, whatever the patterns say
-                    found.append(
-                        LayerFactors(
-                            path,
-                            A.reshape(r, -1),
-                            B.reshape(B.shape[0], r),
-                            scale,
-                            kind,
-                            tuple(A.shape),
-                            tuple(B.shape),
-                        )
-                    )
+            parts = _a_key_parts(key)
+            if parts is None:  # a B factor, taken with its A, or something else (refused below)
+                continue
+            kind, path, key_B = parts
+            B = self.tensors.get(key_B)
+            if B is None:
+                raise ValueError(f"adapter has {key} but no {key_B}")
+            _check_factors(key, A, key_B, B)
+            r = A.shape[0]
+            scale = config.scale_for(path, r)  # the stored rank decides, whatever the patterns say
+            A2, B2 = A.reshape(r, -1), B.reshape(B.shape[0], r)  # conv factors as matrices
+            found.append(LayerFactors(path, A2, B2, scale, kind, tuple(A.shape), tuple(B.shape)))
         if not found:
             raise ValueError("the adapter has no LoRA factors")
-        if any(not _is_factor_key(k) for k in self.tensors):
-            extra = next(k for k in self.tensors if not _is_factor_key(k))
+        extra = next((k for k in self.tensors if not _is_factor_key(k)), None)
+        if extra is not None:
             raise ValueError(
                 f"the adapter holds more than LoRA factors ({extra!r}: modules_to_save or biases); "
                 "lorakit's SVD tools work on the factors alone"
@@ -160,6 +151,15 @@ def _check_factors(key_A: str, A: torch.Tensor, key_B: str, B: torch.Tensor) -> 
         )
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
         raise ValueError(f"{key_A} or {key_B} holds NaN or inf")
+
+
+def _a_key_parts(key: str) -> tuple[str, str, str] | None:
+    """(layer kind, layer path, its B factor's key) where `key` is an A factor's key; None otherwise."""
+    for kind, (a_suffix, b_suffix) in KEY_SUFFIXES.items():
+        if key.endswith("." + a_suffix):
+            stem = key[: -len(a_suffix) - 1]
+            return kind, stem.removeprefix(PEFT_PREFIX), f"{stem}.{b_suffix}"
+    return None
 
 
 def _is_factor_key(key: str) -> bool:
