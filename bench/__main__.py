@@ -164,16 +164,15 @@ def main() -> None:
         parser.error("--processes, --repeats and --threads must be positive")
     out = Path(args.out) if args.out else (default_dir or ROOT / "bench") / "results.json"
     markdown = Path(args.markdown) if args.markdown else (default_dir or ROOT) / "BENCHMARKS.md"
-    for path, flag in ((out, "--out"), (markdown, "--markdown")):
-        if path.is_dir():  # found now, not after the run: a full run takes minutes
-            parser.error(f"{flag} {path} is a directory")
-        if default_dir is None or path.parent != default_dir:
-            if not path.parent.is_dir():
-                parser.error(f"{flag} {path}: no directory {path.parent}")
-            if not os.access(path.parent, os.W_OK):
-                parser.error(f"{flag} {path}: {path.parent} is not writable")
     if default_dir is not None:
         default_dir.mkdir(exist_ok=True)
+    for path, flag in ((out, "--out"), (markdown, "--markdown")):  # found now, not after a run of minutes
+        if path.is_dir():
+            parser.error(f"{flag} {path} is a directory")
+        if not path.parent.is_dir():
+            parser.error(f"{flag} {path}: no directory {path.parent}")
+        if not os.access(path.parent, os.W_OK):
+            parser.error(f"{flag} {path}: {path.parent} is not writable")
     device, dtype = device_and_dtype()
     started = time.time()
     try:

@@ -35,19 +35,24 @@ def _sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
             create(candidate)
         except FileExistsError:  # a 48-bit name taken: as good as never, but never overwrite
             continue
-        except OSError as error:  # name what the caller asked to write, not the temporary sibling
-            raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from None
+        except OSError as error:
+            raise _naming(error, path) from None
         return candidate
 
 
+def _naming(error: OSError, path: Path) -> OSError:
+    """`error` as one that names `path`, what the caller asked to write, not its temporary sibling."""
+    if error.errno is None:  # no system error to restate
+        return error
+    return type(error)(error.errno, f"cannot write {path}: {error.strerror}")
+
+
 def _rename_onto(source: Path, path: Path) -> None:
-    """os.replace(source, path); an error names `path`, what the caller asked to write, not the temporary."""
+    """os.replace(source, path); an error names `path`."""
     try:
         os.replace(source, path)
     except OSError as error:
-        if error.errno is None:
-            raise
-        raise type(error)(error.errno, f"cannot write {path}: {error.strerror}") from None
+        raise _naming(error, path) from None
 
 
 def _new_file(path: Path) -> None:
