@@ -27,7 +27,7 @@ from bench.cases import setting_cases, shape_name
 from bench.models import GPT2, QUICK, REFERENCE, SETTINGS, Setting, device_and_dtype
 from bench.report import write_markdown
 from bench.timing import Samples, summary
-from lorakit.atomic import write_text_atomic
+from lorakit.io.atomic import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.atomic import write_text_atomic
+from lorakit.io.atomic import write_text_atomic
 
 
 def _seconds(value: float) -> str:

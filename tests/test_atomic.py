@@ -1,4 +1,4 @@
-"""Atomic writes (lorakit.atomic): entries of a directory that a write does not touch are never moved, a failed
+"""Atomic writes (lorakit.io.atomic): entries of a directory that a write does not touch are never moved, a failed
 rename leaves the old entry, completed writes are flushed to disk, and the process umask is never touched."""
 
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import tree
 
-from lorakit.atomic import atomic_dir, atomic_file, write_text_atomic
+from lorakit.io.atomic import atomic_dir, atomic_file, write_text_atomic
 
 
 def test_a_failed_rename_leaves_the_old_entry_and_never_moves_the_others(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Training checkpoints (lorakit.checkpoint): a round trip restores everything, a damaged checkpoint is one
+"""Training checkpoints (lorakit.training.checkpoint): a round trip restores everything, a damaged checkpoint is one
 ValueError naming its file and leaves the run as it was, and CUDA RNG states come back in device order."""
 
 import json
@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit as lk
-from lorakit.checkpoint import STATE_NAME, TENSORS_NAME, load_checkpoint, save_checkpoint
-from lorakit.files import WEIGHTS_NAME
+from lorakit.engine.peft_format import WEIGHTS_NAME
+from lorakit.training.checkpoint import STATE_NAME, TENSORS_NAME, load_checkpoint, save_checkpoint
 
 
 def run_state(seed: int):

@@ -1,11 +1,11 @@
-"""Reading, tokenizing and batching training data (lorakit.data)."""
+"""Reading, tokenizing and batching training data (lorakit.training.data)."""
 
 import json
 
 import pytest
 import torch
 
-from lorakit.data import IGNORE_INDEX, Example, TextDataset, collate, epoch_order, read_records
+from lorakit.training.data import IGNORE_INDEX, Example, TextDataset, collate, epoch_order, read_records
 
 
 def test_reads_jsonl_csv_and_plain_text(tmp_path):

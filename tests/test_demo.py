@@ -8,7 +8,7 @@ from conftest import cli_error
 
 import lorakit as lk
 from lorakit.cli import main
-from lorakit.demo import LAYERS, low_rank_view, oversized_mlp
+from lorakit.demo.experiment import LAYERS, low_rank_view, oversized_mlp
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit as lk
-import lorakit.files
-from lorakit.commands.rank import read_matrices
-from lorakit.layers import LoraLayer, ModuleCopies
-from lorakit.model import active_adapters, lora_layers, module_copies
-from lorakit.svd_tools import TensorSource
+import lorakit.engine.adapter_files
+import lorakit.engine.peft_format
+from lorakit.cli.rank import read_matrices
+from lorakit.engine import model as engine_model
+from lorakit.engine.layers import LoraLayer, ModuleCopies
+from lorakit.engine.model import active_adapters, lora_layers, module_copies
+from lorakit.tools.sources import TensorSource
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -62,7 +64,7 @@ def adapted(adapter="default", seed=1, **config):
 
 
 def train(model, steps=3):
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     for _ in range(steps):
         optimizer.zero_grad()
         model(TOKENS).square().mean().backward()
@@ -271,7 +273,7 @@ def test_only_the_named_adapter_is_saved(tmp_path):
 def test_load_with_trainable_false_freezes_the_loaded_parameters(tmp_path):
     lk.save_adapter(adapted(modules_to_save=["head"], bias="lora_only"), tmp_path / "adapter")
     model = lk.load_adapter(build(), tmp_path / "adapter")
-    loaded = lk.model.adapter_parameters(model, "default")
+    loaded = engine_model.adapter_parameters(model, "default")
     assert len(loaded) == 6 + 2 + 2  # 3 layers' A and B, the head copy's weight and bias, conv and hidden biases
     assert not any(p.requires_grad for p in loaded.values())
     assert lk.parameter_counts(model)[0] == 0
@@ -280,7 +282,7 @@ def test_load_with_trainable_false_freezes_the_loaded_parameters(tmp_path):
 def test_load_with_trainable_true_makes_the_loaded_parameters_trainable(tmp_path):
     lk.save_adapter(adapted(modules_to_save=["head"]), tmp_path / "adapter")
     model = lk.load_adapter(build(), tmp_path / "adapter", trainable=True)
-    loaded = lk.model.adapter_parameters(model, "default")
+    loaded = engine_model.adapter_parameters(model, "default")
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in loaded.values()}
     before = {key: p.detach().clone() for key, p in loaded.items()}
@@ -343,7 +345,7 @@ def test_a_save_that_fails_midway_leaves_the_old_adapter_byte_identical(tmp_path
             f.write(b"\x00" * 16)
         raise OSError("disk full")
 
-    monkeypatch.setattr(lorakit.files, "write_safetensors", boom)
+    monkeypatch.setattr(lorakit.engine.peft_format, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         lk.save_adapter(adapted(seed=2), directory)
     assert tree(directory) == old
@@ -357,7 +359,7 @@ def test_a_failed_first_save_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(tensors, filename):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lorakit.files, "write_safetensors", boom)
+    monkeypatch.setattr(lorakit.engine.peft_format, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         lk.save_adapter(adapted(), tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []
@@ -387,7 +389,7 @@ def test_a_failed_resave_keeps_other_files_too(tmp_path, monkeypatch):
     def boom(tensors, filename):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lorakit.files, "write_safetensors", boom)
+    monkeypatch.setattr(lorakit.engine.peft_format, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         lk.save_adapter(adapted(seed=2), directory)
     assert sorted(p.name for p in directory.iterdir()) == sorted([CONFIG, WEIGHTS, "notes.txt"])
@@ -625,7 +627,7 @@ def test_every_safetensors_reader_refuses_a_bad_file_with_the_same_error_naming_
     path.write_bytes(b"\xff" * 64 if damage == "garbage" else data[: len(data) // 2])
     message = re.escape(f"{path} is not a readable safetensors file: ")
     for read in (
-        lambda: lorakit.files.read_adapter_weights(tmp_path),
+        lambda: lorakit.engine.peft_format.read_adapter_weights(tmp_path),
         lambda: TensorSource(path),
         lambda: read_matrices(path),
     ):
@@ -669,9 +671,9 @@ def test_an_adapter_on_a_path_that_ends_another_is_written_to_adapt_it_alone(tmp
 def test_a_loaded_adapter_leaves_the_one_in_training_as_it_was_unless_it_trains_itself(tmp_path, trainable):
     lk.save_adapter(adapted("other", seed=2, target_modules=["hidden"]), tmp_path / "other", adapter="other")
     model = adapted("mine")
-    mine = list(lk.model.adapter_parameters(model, "mine").values())
+    mine = list(engine_model.adapter_parameters(model, "mine").values())
     lk.load_adapter(model, tmp_path / "other", adapter="other", trainable=trainable)
-    other = list(lk.model.adapter_parameters(model, "other").values())
+    other = list(engine_model.adapter_parameters(model, "other").values())
     assert all(p.requires_grad is not trainable for p in mine)  # as PEFT's load_adapter(is_trainable=...)
     assert all(p.requires_grad is trainable for p in other)
     trains = {id(p) for p in mine + other}
@@ -681,7 +683,7 @@ def test_a_loaded_adapter_leaves_the_one_in_training_as_it_was_unless_it_trains_
 def test_bias_all_beside_another_adapters_full_copy_saves_the_original_heads_bias(tmp_path):
     model = adapted("a", target_modules=["hidden"], modules_to_save=["head"])
     lk.inject(model, lk.LoraConfig(r=2, target_modules=["conv"], bias="all", init=False), "b")
-    b = lk.model.adapter_parameters(model, "b")
+    b = engine_model.adapter_parameters(model, "b")
     assert f"{P}head.bias" in b  # with b active, the original head runs: its bias is b's to train
     with torch.no_grad():
         for p in b.values():

@@ -8,7 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
-from lorakit.layers import LoraLinear, LoraLinearFunction
+from lorakit.engine.fused import LoraLinearFunction
+from lorakit.engine.layers import LoraLinear
 
 IN, OUT, R, SCALE = 6, 10, 3, 1.5
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorakit as lk
-from lorakit.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModuleCopies
+from lorakit.engine import model as engine_model
+from lorakit.engine.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModuleCopies
 
 
 class TinyNet(nn.Module):
@@ -46,7 +47,7 @@ def test_fresh_adapter_leaves_outputs_exactly_unchanged(net, tokens):
     before = net(tokens)
     lk.inject(net, lk.LoraConfig(r=4, alpha=8, target_modules=ALL))
     assert torch.equal(net(tokens), before)
-    for _, layer in lk.model.lora_layers(net):
+    for _, layer in engine_model.lora_layers(net):
         assert not layer.lora_B["default"].any() or isinstance(layer, LoraEmbedding)
         if isinstance(layer, LoraEmbedding):  # PEFT's embedding init: A zero, B normal
             assert not layer.lora_A["default"].any() and layer.lora_B["default"].any()
@@ -176,7 +177,7 @@ def test_merged_adapter_cannot_be_switched_off_by_activating_or_adding_another(n
         lk.set_adapter(net, "b")
     with pytest.raises(ValueError, match="unmerge"):
         lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL), "c")
-    assert lk.adapter_names(net) == ["a", "b"] and lk.model.active_adapters(net) == ["a"]
+    assert lk.adapter_names(net) == ["a", "b"] and engine_model.active_adapters(net) == ["a"]
     torch.testing.assert_close(net(tokens), merged, atol=0, rtol=0)
     lk.set_adapter(net, ["a", "b"])  # keeping the merged one active is fine
 
@@ -186,7 +187,7 @@ def test_deleted_adapter_is_no_longer_active(net, tokens, tmp_path):
     lk.save_adapter(net, tmp_path / "a", adapter="a")
     lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL, init=False), "b")
     lk.delete_adapter(net, "b")
-    assert lk.model.active_adapters(net) == []
+    assert engine_model.active_adapters(net) == []
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
     with pytest.raises(ValueError, match="shape"):  # the load's own error, not one from restoring the state
@@ -214,7 +215,7 @@ def test_safe_merge_refuses_non_finite_weights_and_changes_nothing(net):
         lk.merge(net, safe=True)
     for n, p in net.named_parameters():
         assert torch.equal(p, weights[n])
-    assert all(not layer.merged_adapters for _, layer in lk.model.lora_layers(net))
+    assert all(not layer.merged_adapters for _, layer in engine_model.lora_layers(net))
 
 
 def test_merge_and_unload_leaves_plain_torch_modules(net, tokens):
@@ -292,7 +293,7 @@ def test_mixed_batches_without_gradients_follow_factors_changed_between_calls(ne
 
     check(atol=1e-5)
     with torch.no_grad():
-        for p in lk.model.adapter_parameters(net, "a").values():
+        for p in engine_model.adapter_parameters(net, "a").values():
             p.mul_(2.0)
     check(atol=1e-5)
     net.double()  # swaps each parameter's data for a float64 copy: same Parameter objects, same versions
@@ -303,7 +304,7 @@ def test_forward_per_sample_gradients_equal_one_sample_at_a_time(net, tokens):
     """Training through a mixed batch: each adapter gets the gradient of its own samples only."""
     lk.inject(net, lk.LoraConfig(r=2, alpha=2, target_modules=ALL, init=False), "a")
     lk.inject(net, lk.LoraConfig(r=3, alpha=3, target_modules=["hidden", "out"], init=False), "b")
-    params = {f"{name}: {key}": p for name in "ab" for key, p in lk.model.adapter_parameters(net, name).items()}
+    params = {f"{name}: {key}": p for name in "ab" for key, p in engine_model.adapter_parameters(net, name).items()}
     assert len(params) == 4 * 2 + 2 * 2
     for p in params.values():
         p.requires_grad_(True)
@@ -357,7 +358,7 @@ def test_no_match_lists_at_most_ten_module_names():
 
 def test_target_selection_by_suffix_regex_all_linear_and_exclusion(net):
     def targets(**kwargs):
-        return lk.model.find_targets(net, lk.LoraConfig(r=1, **kwargs))
+        return engine_model.find_targets(net, lk.LoraConfig(r=1, **kwargs))
 
     assert targets(target_modules=["hidden", "out"]) == ["hidden", "out"]
     assert targets(target_modules=r"(hidden|conv)") == ["conv", "hidden"]
@@ -462,10 +463,10 @@ def test_torch_compile_trains_like_eager(net, tokens):
 
 
 def test_command_line_targets_are_names_unless_written_as_a_regex(net):
-    from lorakit.config import targets_from_text
+    from lorakit.engine.config import targets_from_text
 
     assert targets_from_text("hidden") == ["hidden"]
-    assert lk.model.find_targets(net, lk.LoraConfig(target_modules=targets_from_text("hidden"))) == ["hidden"]
+    assert engine_model.find_targets(net, lk.LoraConfig(target_modules=targets_from_text("hidden"))) == ["hidden"]
     assert targets_from_text("q_proj, v_proj,,down_proj") == ["q_proj", "v_proj", "down_proj"]
     assert targets_from_text("self_attn.q_proj") == ["self_attn.q_proj"]  # a path suffix, not a regex
     assert targets_from_text("all-linear") == "all-linear"
@@ -480,7 +481,7 @@ def test_multihead_attention_out_proj_is_refused_by_name_and_skipped_by_all_line
     with pytest.raises(ValueError, match=r"self_attn.out_proj is the out_proj of an nn.MultiheadAttention"):
         lk.inject(copy.deepcopy(layer), lk.LoraConfig(r=2, target_modules=["out_proj"]))
     model = lk.inject(layer, lk.LoraConfig(r=2, target_modules="all-linear", init=False))
-    assert [name for name, _ in lk.model.lora_layers(model)] == ["linear1", "linear2"]
+    assert [name for name, _ in engine_model.lora_layers(model)] == ["linear1", "linear2"]
     model(torch.randn(3, 5, 8))  # runs: MultiheadAttention still finds out_proj.weight and .bias
 
 
@@ -496,7 +497,7 @@ def test_merging_into_a_tied_embedding_is_refused_and_changes_nothing():
             merging(model)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with lk.disabled(model):  # nothing was merged: the layers still run factored
-        assert not any(layer.merged_adapters for _, layer in lk.model.lora_layers(model))
+        assert not any(layer.merged_adapters for _, layer in engine_model.lora_layers(model))
 
 
 def test_an_svd_start_on_a_tied_head_is_refused_and_changes_nothing():

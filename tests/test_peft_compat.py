@@ -27,7 +27,8 @@ from transformers import (
 )
 
 import lorakit as lk
-from lorakit.layers import LoraLinear
+from lorakit.engine import model as engine_model
+from lorakit.engine.layers import LoraLinear
 
 ATOL = 1e-5
 
@@ -181,7 +182,7 @@ def randomize(params):
 
 def lorakit_adapted(case):
     model = lk.inject(case.build(), lk.LoraConfig(**case.lorakit))
-    randomize(lk.model.adapter_parameters(model).values())
+    randomize(engine_model.adapter_parameters(model).values())
     return model
 
 
@@ -253,7 +254,7 @@ def twins(case: Case) -> tuple[nn.Module, nn.Module]:
     ours = lk.inject(case.build(), lk.LoraConfig(**case.lorakit, init=False))
     theirs = get_peft_model(case.build(), PeftLoraConfig(**case.peft, init_lora_weights=False)).eval()
     with torch.no_grad():
-        for key, p in lk.model.adapter_parameters(ours).items():
+        for key, p in engine_model.adapter_parameters(ours).items():
             dict(theirs.named_parameters())[peft_key(key)].copy_(p)
     return ours, theirs
 
@@ -275,7 +276,7 @@ def test_under_bfloat16_autocast_loss_and_gradients_match_peft():
         model.loss.backward()
     torch.testing.assert_close(ours.loss, theirs.loss)
     peft_params = dict(theirs.named_parameters())
-    for key, p in lk.model.adapter_parameters(ours).items():
+    for key, p in engine_model.adapter_parameters(ours).items():
         torch.testing.assert_close(p.grad, peft_params[peft_key(key)].grad, atol=1e-2, rtol=2e-2)
 
 
@@ -302,7 +303,7 @@ def test_linears_inside_modules_to_save_get_no_adapter_and_peft_loads_the_file(t
     adapted_by_peft = {
         name.removeprefix("base_model.model.") for name, m in theirs.named_modules() if isinstance(m, PeftLoraLayer)
     }
-    assert {path for path, _ in lk.model.lora_layers(ours)} == adapted_by_peft
+    assert {path for path, _ in engine_model.lora_layers(ours)} == adapted_by_peft
     assert not any(path.startswith("classifier") for path in adapted_by_peft)
     lk.save_adapter(ours, tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter").eval()
@@ -354,7 +355,7 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward():
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         model(input_ids=TOKENS, labels=TOKENS).loss.backward()
-        return {key: p.grad for key, p in lk.model.adapter_parameters(model).items()}
+        return {key: p.grad for key, p in engine_model.adapter_parameters(model).items()}
 
     checkpointed, plain = adapter_grads(True), adapter_grads(False)
     assert all(g.abs().sum() > 0 for g in plain.values())

@@ -1,4 +1,4 @@
-"""PNG plots (lorakit.plots): figures are closed even when saving fails, and the training plot draws a
+"""PNG plots (lorakit.io.plots): figures are closed even when saving fails, and the training plot draws a
 metrics log whose last line a kill left torn."""
 
 import json
@@ -6,8 +6,8 @@ import json
 import matplotlib.pyplot as plt
 import pytest
 
-from lorakit.plots import save_figure, training_plot
-from lorakit.train import read_metrics
+from lorakit.io.plots import save_figure, training_plot
+from lorakit.training.metrics import read_metrics
 
 
 def test_a_figure_whose_save_fails_is_closed_and_leaves_no_file(tmp_path):
@@ -48,7 +48,7 @@ def test_drawing_a_plot_leaves_the_processs_matplotlib_backend_alone(tmp_path):
 
     script = (
         "import matplotlib; matplotlib.use('svg')\n"  # as a notebook's inline backend would be chosen
-        "import torch; from lorakit.plots import spectrum_plot\n"
+        "import torch; from lorakit.io.plots import spectrum_plot\n"
         f"spectrum_plot({{'W': torch.tensor([3.0, 1.0])}}, {str(tmp_path / 'spectrum.png')!r})\n"
         "print(matplotlib.get_backend())\n"
     )

@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit as lk
-import lorakit.model
-import lorakit.svd_init
-from lorakit.layers import LoraLayer
+import lorakit.engine.model
+import lorakit.engine.svd_init
+from lorakit.engine.layers import LoraLayer
 
 ATOL = 1e-5
 SVD_INITS = ["pissa", "pissa_niter_4", "milora", "olora"]
@@ -353,14 +353,14 @@ def test_rank_larger_than_one_weight_raises_before_changing_anything(init):
 def test_each_layer_is_checked_once_under_its_module_path(init, monkeypatch):
     """inject checks every layer before rewriting the first; initialising one must not check it again under
     another name (the base module's class), which a refusal would then print instead of the layer's path."""
-    check, checked = lorakit.svd_init.check_svd_init, []
+    check, checked = lorakit.engine.svd_init.check_svd_init, []
 
     def recording(layer, path, *args):
         checked.append(path)
         check(layer, path, *args)
 
-    monkeypatch.setattr(lorakit.model, "check_svd_init", recording)
-    monkeypatch.setattr(lorakit.svd_init, "check_svd_init", recording)
+    monkeypatch.setattr(lorakit.engine.model, "check_svd_init", recording)
+    monkeypatch.setattr(lorakit.engine.svd_init, "check_svd_init", recording)
     model = lk.inject(build_tiny_llama(), lk.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], init=init))
     assert sorted(checked) == sorted(name for name, _ in lora_layers(model))
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit as lk
-from lorakit.files import config_from_peft
+from lorakit.engine.peft_format import config_from_peft
 
 TOKENS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -349,7 +349,7 @@ def test_resize_refuses_a_rank_above_the_adapters():
 
 def test_factored_svd_of_a_rank_above_the_layer_is_thin_and_matches_numpy():
     A, B = random_factors(8, 40, 16, seed=5, dtype=torch.float64)  # r = 16 > out = 8
-    U, S, Vh = lk.svd_tools.factored_svd(B, A, 0.5)
+    U, S, Vh = lk.lowrank.factored_svd(B, A, 0.5)
     assert (U.shape, S.shape, Vh.shape) == ((8, 8), (8,), (8, 40))
     np.testing.assert_allclose(S.numpy(), np.linalg.svd(0.5 * B.numpy() @ A.numpy(), compute_uv=False), rtol=1e-12)
     torch.testing.assert_close((U * S) @ Vh, 0.5 * B @ A, atol=1e-12, rtol=0)

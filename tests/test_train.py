@@ -20,16 +20,10 @@ from safetensors.torch import load_file
 
 import lorakit as lk
 from lorakit.cli import main
-from lorakit.train import (
-    Trainer,
-    json_line,
-    keep_metrics_until,
-    linear_schedule,
-    load_model_and_tokenizer,
-    local_model_dir,
-    max_positions,
-    read_metrics,
-)
+from lorakit.engine import model as engine_model
+from lorakit.training.loop import Trainer, linear_schedule
+from lorakit.training.metrics import json_line, keep_metrics_until, read_metrics
+from lorakit.training.models import load_model_and_tokenizer, local_model_dir, max_positions
 
 PYTHON = sys.executable
 
@@ -88,7 +82,7 @@ def test_lora_plus_gives_b_a_larger_learning_rate(tiny_llama, word_data, tmp_pat
     trainer = Trainer(config)
     a_group, b_group = trainer.optimizer.param_groups
     assert b_group["initial_lr"] == pytest.approx(16 * a_group["initial_lr"])
-    params = lk.model.adapter_parameters(trainer.model)
+    params = engine_model.adapter_parameters(trainer.model)
     b_ids = {id(p) for k, p in params.items() if k.endswith("lora_B.weight")}
     assert {id(p) for p in b_group["params"]} == b_ids
 
@@ -160,7 +154,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, 
         "import sys, torch.distributed as dist\n"
         "from safetensors.torch import save_file\n"
         "import lorakit as lk\n"
-        "from lorakit.train import Trainer\n"
+        "from lorakit.training.loop import Trainer\n"
         f"config = lk.TrainConfig(model={str(tiny_llama)!r}, data={str(word_data)!r},\n"
         f"    out={str(tmp_path / 'multi')!r},\n"
         f"    steps=4, dropout=0.0, grad_accum=2, batch_size=4, fsdp={fsdp}, progress=False)\n"
@@ -217,7 +211,7 @@ def test_fsdp_evaluation_over_an_uneven_split_finishes_with_the_metrics_of_one_p
     script.write_text(
         "import json, torch.distributed as dist\n"
         "import lorakit as lk\n"
-        "from lorakit.train import Trainer\n"
+        "from lorakit.training.loop import Trainer\n"
         f"config = lk.TrainConfig(**{common!r}, out={str(tmp_path / 'multi')!r}, steps=1, fsdp=True, progress=False)\n"
         "trainer = Trainer(config)\n"
         "result = trainer.evaluate()\n"
@@ -533,7 +527,7 @@ def test_new_run_into_an_out_with_checkpoints_is_refused_and_leaves_it_as_it_was
 def test_checkpoint_of_another_rank_is_refused_and_the_adapter_left_as_it_was(tmp_path):
     from torch import nn
 
-    from lorakit.checkpoint import load_checkpoint, save_checkpoint
+    from lorakit.training.checkpoint import load_checkpoint, save_checkpoint
 
     def adapted(r):
         torch.manual_seed(0)
@@ -551,8 +545,8 @@ def test_checkpoint_of_another_rank_is_refused_and_the_adapter_left_as_it_was(tm
 
 @pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
 def test_loss_count_is_the_number_of_terms_the_summed_loss_adds(task):
-    from lorakit.data import IGNORE_INDEX, Example, collate
-    from lorakit.train import loss_count, loss_sum
+    from lorakit.training.data import IGNORE_INDEX, Example, collate
+    from lorakit.training.loop import loss_count, loss_sum
 
     rng = random.Random(0)
     examples = [Example([rng.randrange(1, 50) for _ in range(n)], n % 3) for n in (1, 2, 5, 9, 3)]

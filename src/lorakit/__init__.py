@@ -11,9 +11,9 @@ lk.lowrank.rank(W)                            # the low-rank toolkit
 """
 
 from lorakit import lowrank
-from lorakit.config import LoraConfig
-from lorakit.files import load_adapter, save_adapter
-from lorakit.model import (
+from lorakit.engine.adapter_files import load_adapter, save_adapter
+from lorakit.engine.config import LoraConfig
+from lorakit.engine.model import (
     BASE,
     adapter_names,
     delete_adapter,
@@ -28,9 +28,13 @@ from lorakit.model import (
     unload,
     unmerge,
 )
-from lorakit.parametrize import LoRAParametrization
-from lorakit.svd_tools import AdapterState, combine, compare, extract, inspect, resize
-from lorakit.train import TrainConfig, TrainResult, train
+from lorakit.engine.parametrize import LoRAParametrization
+from lorakit.tools.extract import extract
+from lorakit.tools.inspect import compare, inspect
+from lorakit.tools.resize import combine, resize
+from lorakit.tools.stored import AdapterState
+from lorakit.training.config import TrainConfig, TrainResult
+from lorakit.training.loop import train
 
 __all__ = [
     "BASE",

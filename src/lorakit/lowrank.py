@@ -10,6 +10,9 @@ orthonormal, k = min(m, n), and Σ = diag(σ₁ ≥ σ₂ ≥ … ≥ σ_k ≥ 0
   two factors B (m × r) and A (r × n) are exactly the shapes of a LoRA update ΔW = B A.
 - pinv: the Moore–Penrose pseudo-inverse, V Σ⁺ Uᵀ.
 - subspace_similarity / subspace_similarities: how much two adapters' top directions overlap (LoRA paper, section 7).
+- factored_svd and friends: the same quantities for an update s·B·A given as its two factors, from r × r
+  products only: with B = Q_B R_B and Aᵀ = Q_A R_A, s·B·A = (Q_B U) Σ (Q_A V)ᵀ where U Σ Vᵀ is the SVD of the
+  r × r core s·R_B R_Aᵀ, so the out × in matrix is never formed.
 
 A worked example: [[1, 2, 3], [2, 4, 6], [1, 3, 5]] has singular values 10.2330, 0.5353 and 0, so rank 2
 (the second row is twice the first). Inputs may be float32 or float64 on any device; integer inputs are
@@ -31,16 +34,21 @@ __all__ = [
     "effective_rank",
     "effective_rank_of_spectrum",
     "energy",
+    "energy_kept",
     "energy_of_spectrum",
+    "factored_svd",
     "factors",
+    "frobenius_inner",
     "pinv",
     "rank",
     "rank_for_energy",
     "rank_for_energy_of_spectrum",
     "rank_of_spectrum",
+    "relative_difference",
     "singular_values",
     "subspace_similarities",
     "subspace_similarity",
+    "truncated_factors",
     "truncated_svd",
 ]
 
@@ -257,3 +265,44 @@ def subspace_similarities(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
     i = torch.arange(1, V1.shape[0] + 1, dtype=dtype, device=V1.device)
     j = torch.arange(1, V2.shape[0] + 1, dtype=dtype, device=V2.device)
     return (overlap / torch.minimum(i[:, None], j[None, :])).clamp(0.0, 1.0)
+
+
+# -- updates given as factors, ΔW = s · B A ---------------------------------------------------------
+
+
+def factored_svd(
+    B: torch.Tensor, A: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD (U, S, Vh) of scale · B A from B (out × r) and A (r × in), never forming out × in.
+
+    S holds min(out, in, r) singular values, U is out × that and Vh that × in: r may exceed out or in.
+    """
+    B, A = B.double(), A.double()
+    Q_B, R_B = torch.linalg.qr(B)  # (out × k), (k × r), k = min(out, r)
+    Q_A, R_A = torch.linalg.qr(A.mT)  # (in × k'), (k' × r), k' = min(in, r)
+    U, S, Vh = torch.linalg.svd(scale * R_B @ R_A.mT, full_matrices=False)  # the thin SVD of the k × k' core
+    return Q_B @ U, S, Vh @ Q_A.mT
+
+
+def truncated_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of rank k, √Σ on each side, at scale 1."""
+    root = S[:k].sqrt()
+    return root[:, None] * Vh[:k], U[:, :k] * root
+
+
+def frobenius_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
+    """⟨B₁A₁, B₂A₂⟩_F = trace((B₁ᵀB₂)(A₂A₁ᵀ)) from r × r products only."""
+    return float(((B1.double().mT @ B2.double()) * (A1.double() @ A2.double().mT)).sum())
+
+
+def energy_kept(S: torch.Tensor, k: int) -> float:
+    """The fraction of ‖ΔW‖²_F that the top k of its singular values S hold (all of it for k ≥ len(S))."""
+    curve = energy_of_spectrum(S.double())
+    return float(curve[min(k, curve.numel()) - 1])
+
+
+def relative_difference(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
+    """‖B₁A₁ − B₂A₂‖_F / ‖B₂A₂‖_F, from r × r products only."""
+    d2 = frobenius_inner(B1, A1, B1, A1) - 2 * frobenius_inner(B1, A1, B2, A2) + frobenius_inner(B2, A2, B2, A2)
+    reference = frobenius_inner(B2, A2, B2, A2)
+    return math.sqrt(max(d2, 0.0) / reference) if reference > 0 else math.sqrt(max(d2, 0.0))

@@ -2,7 +2,7 @@
 
 `inject` replaces each target module, in place, by a LoRA layer (lorakit.layers) that keeps the original
 as `.base`; every other parameter is frozen. The adapters' configs live on the model itself
-(`model.lorakit_configs`, a dict by adapter name), so a model carries everything needed to save it.
+(lorakit.engine.state), so a model carries everything needed to save it.
 
     model = lk.inject(model, lk.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
     lk.parameter_counts(model)        # (trainable, total)
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import ALL_LINEAR, LoraConfig, matches_target, within_target
-from lorakit.layers import (
+from lorakit.engine.config import ALL_LINEAR, LoraConfig, is_svd_init, matches_target, within_target
+from lorakit.engine.layers import (
     LoraEmbedding,
     LoraLayer,
     ModuleCopies,
@@ -30,7 +30,9 @@ from lorakit.layers import (
     is_conv1d,
     wrap_module,
 )
-from lorakit.svd_init import check_svd_init, initialise_from_weight, is_svd_init
+from lorakit.engine.peft_format import bias_key, factor_keys, module_key
+from lorakit.engine.state import drop_state, read_state, write_state
+from lorakit.engine.svd_init import check_svd_init, initialise_from_weight
 
 __all__ = [
     "BASE",
@@ -53,12 +55,6 @@ __all__ = [
 ]
 
 BASE = "__base__"  # in forward_per_sample: this sample uses no adapter
-PEFT_PREFIX = "base_model.model."
-# the endings of each kind of layer's factor keys in PEFT's files, (A, B): conv layers' are the linear ones
-KEY_SUFFIXES = {
-    "linear": ("lora_A.weight", "lora_B.weight"),
-    "embedding": ("lora_embedding_A", "lora_embedding_B"),
-}
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 MAX_NAMES_SHOWN = 10
 
@@ -67,8 +63,8 @@ MAX_NAMES_SHOWN = 10
 
 
 def configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The configs of the model's adapters, by name (an empty dict for a plain model)."""
-    return model.__dict__.setdefault("lorakit_configs", {})
+    """The configs of the model's adapters, by name (an empty dict for a plain model). Read only."""
+    return read_state(model).configs
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -233,7 +229,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
         copies = module if isinstance(module, ModuleCopies) else ModuleCopies(module)
         copies.add_copy(adapter)
         _set_module(model, path, copies)
-    configs(model)[adapter] = config
+    write_state(model).configs[adapter] = config
     set_adapter(model, adapter)
     mark_trainable(model, adapter)
     return model
@@ -261,8 +257,11 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
             copies.active_adapters = [n for n in copies.active_adapters if n != adapter]
             if not copies.copies:
                 _set_module(model, path, copies.original)
-    del configs(model)[adapter]
-    model.__dict__["lorakit_active"] = [name for name in active_adapters(model) if name != adapter]
+    state = write_state(model)
+    del state.configs[adapter]
+    state.active = [name for name in state.active if name != adapter]
+    if not state.configs and not state.disabled_depth:
+        drop_state(model)  # no adapter left: a plain model again
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -271,7 +270,7 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    return list(model.__dict__.get("lorakit_active", []))
+    return list(read_state(model).active)
 
 
 def check_merged_stay_active(model: nn.Module, names: list[str]) -> None:
@@ -293,7 +292,7 @@ def set_adapter(model: nn.Module, adapters: str | list[str]) -> None:
         layer.active_adapters = [n for n in names if n in layer.lora_A]
     for _, copies in module_copies(model):
         copies.active_adapters = [n for n in names if n in copies.copies]
-    model.__dict__["lorakit_active"] = names
+    write_state(model).active = names
 
 
 @contextmanager
@@ -308,19 +307,21 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     previous = [m.disabled for m in switches]
     for m in switches:
         m.disabled = True
-    depth = model.__dict__.get("lorakit_disabled", 0)
-    model.__dict__["lorakit_disabled"] = depth + 1  # inject and merge refuse to run inside (check_not_disabled)
+    state = write_state(model)
+    state.disabled_depth += 1  # inject and merge refuse to run inside (check_not_disabled)
     try:
         yield model
     finally:
-        for m, state in zip(switches, previous, strict=True):
-            m.disabled = state
-        model.__dict__["lorakit_disabled"] = depth
+        for m, was in zip(switches, previous, strict=True):
+            m.disabled = was
+        state.disabled_depth -= 1
+        if not state.configs and not state.disabled_depth:
+            drop_state(model)
 
 
 def check_not_disabled(model: nn.Module, action: str) -> None:
     """Refuses `action` inside `disabled(model)`: a new layer would run there, a merge would change the base."""
-    if model.__dict__.get("lorakit_disabled", 0):
+    if read_state(model).disabled_depth:
         raise RuntimeError(f"cannot {action} inside lk.disabled(model): do it before or after the block")
 
 
@@ -377,9 +378,7 @@ def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:
         _set_module(model, path, layer.base)
     for path, copies in list(module_copies(model)):
         _set_module(model, path, copies.current() if keep_copies else copies.original)
-    model.__dict__.pop("lorakit_configs", None)
-    model.__dict__.pop("lorakit_active", None)
-    model.__dict__.pop("lorakit_disabled", None)
+    drop_state(model)
     return model
 
 
@@ -410,13 +409,12 @@ def adapter_parameters(model: nn.Module, adapter: str = "default") -> dict[str, 
     params = {}
     for path, layer in lora_layers(model):
         if adapter in layer.lora_A:
-            a_key, b_key = KEY_SUFFIXES["embedding" if isinstance(layer, LoraEmbedding) else "linear"]
-            params[f"{PEFT_PREFIX}{path}.{a_key}"] = layer.lora_A[adapter]
-            params[f"{PEFT_PREFIX}{path}.{b_key}"] = layer.lora_B[adapter]
+            a_key, b_key = factor_keys(path, "embedding" if isinstance(layer, LoraEmbedding) else "linear")
+            params[a_key], params[b_key] = layer.lora_A[adapter], layer.lora_B[adapter]
     for path, copies in module_copies(model):
         if adapter in copies.copies:
             for name, p in copies.copies[adapter].named_parameters():
-                params[f"{PEFT_PREFIX}{path}.{name}"] = p
+                params[module_key(path, name)] = p
     params.update(trained_biases(model, adapter))
     return params
 
@@ -433,19 +431,19 @@ def trained_biases(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
         if name in wrapped:
             path, ours = wrapped[name]
             if ours:
-                found[f"{PEFT_PREFIX}{path}.base_layer.bias"] = p
+                found[bias_key(path, wrapped=True)] = p
             elif bias == "all":  # a layer only other adapters wrap: named as in a model with just this adapter
-                found[f"{PEFT_PREFIX}{path}.bias"] = p
+                found[bias_key(path, wrapped=False)] = p
         elif (
             bias == "all" and name.rsplit(".", 1)[-1] == "bias" and ".lora_" not in name and not name.startswith(copies)
         ):
-            found[PEFT_PREFIX + name] = p
+            found[module_key(name)] = p
     if bias == "all":  # a module only other adapters copy (modules_to_save): its original runs for this adapter
         for path, module in module_copies(model):
             if adapter not in module.copies:
                 for name, p in module.original.named_parameters():
                     if name.rsplit(".", 1)[-1] == "bias":
-                        found[f"{PEFT_PREFIX}{path}.{name}"] = p
+                        found[module_key(path, name)] = p
     return found
 
 

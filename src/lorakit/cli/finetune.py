@@ -1,4 +1,4 @@
-"""`lorakit finetune`: LoRA fine-tuning of a transformers model on a local data file (see lorakit.train).
+"""`lorakit finetune`: LoRA fine-tuning of a transformers model on a local data file (see lorakit.training).
 
 lorakit finetune --model ./my-model --data train.jsonl --out run/ --steps 500 --save-every 100
 torchrun --nproc_per_node 2 -m lorakit finetune ...      # several processes, DDP (or --fsdp)
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.config import targets_from_text
-from lorakit.train import TASKS, TrainConfig, train
+from lorakit.engine.config import targets_from_text
+from lorakit.training.config import TASKS, TrainConfig
+from lorakit.training.loop import train
 
 __all__ = ["add_parser"]
 

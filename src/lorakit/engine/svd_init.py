@@ -16,21 +16,13 @@ what `lk.save_adapter(..., convert_to_lora=True)` writes.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from lorakit import lowrank
-from lorakit.layers import LoraLayer, LoraLinear
+from lorakit.engine.config import PISSA_NITER
+from lorakit.engine.layers import LoraLayer, LoraLinear
 
-__all__ = ["PISSA_NITER", "SVD_INITS", "check_svd_init", "initialise_from_weight", "is_svd_init", "to_plain_lora"]
-
-SVD_INITS = ("pissa", "milora", "olora")
-PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
-
-
-def is_svd_init(init: object) -> bool:
-    return isinstance(init, str) and (init in SVD_INITS or PISSA_NITER.fullmatch(init) is not None)
+__all__ = ["check_svd_init", "initialise_from_weight", "to_plain_lora"]
 
 
 def check_svd_init(layer: LoraLayer, path: str, init: str, r: int, scale: float) -> None:

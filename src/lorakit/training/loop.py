@@ -11,24 +11,21 @@ Gradients are averaged with DistributedDataParallel; with `fsdp=True` the frozen
 with FSDP2 (`fully_shard`) while the small trainable adapter stays whole on every process and its
 gradients are all-reduced after each step.
 
-Every `save_every` steps an atomic checkpoint (lorakit.checkpoint) holds the adapter, the optimizer,
+Every `save_every` steps an atomic checkpoint (lorakit.training.checkpoint) holds the adapter, the optimizer,
 the scheduler and the RNG states; the data order is a function of (seed, step), so `resume=True` continues
 bit for bit where the newest checkpoint stopped.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
-import os
-import re
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,224 +33,23 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from lorakit.atomic import write_text_atomic
-from lorakit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lorakit.config import LoraConfig
-from lorakit.console import make_console, make_progress
-from lorakit.data import (
-    IGNORE_INDEX,
-    Example,
-    Task,
-    TextDataset,
-    collate,
-    epoch_order,
-    label_values,
-    read_jsonl,
-    read_records,
-)
-from lorakit.files import save_adapter
-from lorakit.model import KEY_SUFFIXES, adapter_parameters, inject, parameter_counts
+from lorakit.engine.adapter_files import save_adapter
+from lorakit.engine.config import LoraConfig
+from lorakit.engine.model import adapter_parameters, inject, parameter_counts
+from lorakit.engine.peft_format import is_b_factor_key
+from lorakit.io.atomic import write_text_atomic
+from lorakit.io.console import make_console, make_progress
+from lorakit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.training.config import TrainConfig, TrainResult
+from lorakit.training.data import IGNORE_INDEX, Example, TextDataset, collate, epoch_order, label_values, read_records
+from lorakit.training.distributed import start_processes
+from lorakit.training.metrics import METRICS_NAME, append_metrics, keep_metrics_until, read_metrics
+from lorakit.training.models import load_model_and_tokenizer, local_model_dir, max_positions
 
-__all__ = ["TASKS", "TrainConfig", "TrainResult", "train"]
-
-TASKS = get_args(Task)  # ("causal-lm", "seq-cls")
-METRICS_NAME = "metrics.jsonl"
+__all__ = ["Trainer", "linear_schedule", "loss_count", "loss_sum", "train"]
 
 
-@dataclass
-class TrainConfig:
-    """Everything `lk.train` needs. Paths are local directories or files (`model` may also be a hub id);
-    see `lorakit finetune --help`."""
-
-    model: str
-    data: str
-    out: str
-    task: Task = "causal-lm"
-    text_field: str = "text"
-    label_field: str = "label"
-    targets: str | list[str] = "all-linear"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    lr: float = 2e-4
-    lr_ratio: float = 1.0  # LoRA+: B learns lr_ratio times faster than A
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    epochs: int = 1
-    steps: int | None = None  # overrides epochs
-    batch_size: int = 8  # per process
-    grad_accum: int = 1
-    max_length: int = 256  # or the model's own limit, where that is smaller
-    eval_data: str | None = None
-    save_every: int = 0  # 0: only the final adapter
-    keep_checkpoints: int = 2
-    resume: bool = False
-    seed: int = 0
-    fsdp: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-
-        def whole(v: Any) -> bool:
-            return isinstance(v, int)
-
-        checks = [
-            (self.r, "--rank", lambda v: whole(v) and v > 0, "a positive integer"),
-            (self.alpha, "--alpha", math.isfinite, "a finite number"),
-            (self.lr, "--lr", lambda v: 0 < v < math.inf, "a positive number"),
-            (self.lr_ratio, "--lr-ratio", lambda v: 0 < v < math.inf, "a positive number"),
-            (self.weight_decay, "--weight-decay", lambda v: 0 <= v < math.inf, "a number >= 0"),
-            (self.dropout, "--dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-            (self.warmup_ratio, "--warmup-ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
-            (self.epochs, "--epochs", lambda v: whole(v) and v > 0, "a positive integer"),
-            (self.batch_size, "--batch-size", lambda v: whole(v) and v > 0, "a positive integer"),
-            (self.grad_accum, "--grad-accum", lambda v: whole(v) and v > 0, "a positive integer"),
-            (self.max_length, "--max-length", lambda v: whole(v) and v >= 2, "an integer of at least 2"),
-            (self.save_every, "--save-every", lambda v: whole(v) and v >= 0, "an integer >= 0"),
-            (self.keep_checkpoints, "--keep-checkpoints", lambda v: whole(v) and v > 0, "a positive integer"),
-            (self.seed, "--seed", lambda v: whole(v) and v >= 0, "an integer >= 0"),
-        ]
-        if self.steps is not None:
-            checks.append((self.steps, "--steps", lambda v: whole(v) and v > 0, "a positive integer"))
-        for value, flag, ok, what in checks:
-            if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
-                raise ValueError(f"{flag} must be {what}, got {value!r}")
-
-
-@dataclass
-class TrainResult:
-    """What `lk.train` returns: the run's directory, its step count, the last step's training loss (None when
-    no step ran, as in a resume of a finished run; not finite if the run diverged), the final eval metrics
-    ({} without eval data) and the wall-clock seconds."""
-
-    out: Path
-    steps: int
-    final_loss: float | None
-    eval: dict[str, float]
-    seconds: float
-
-
-# -- processes ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Processes:
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool = False  # this run started the process group, so it ends it
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Every process's `tensor` (same shape and dtype on each), in rank order, on the CPU."""
-        local = tensor.to(self.device)  # nccl moves only device tensors
-        gathered = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(gathered, local)
-        return [t.cpu() for t in gathered]
-
-    def end(self) -> None:
-        """Ends the process group, once every process has got here. Garbage first: the gloo work that DDP and
-        FSDP leave in reference cycles, freed only as the interpreter exits, made torch 2.13 abort a process
-        at exit ("terminate called without an active exception", exit -6) in 9 of 55 two-process runs of a
-        pure-torch script; collected before the group ends, in none of 30."""
-        dist.barrier()
-        gc.collect()
-        dist.destroy_process_group()
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-
-def start_processes() -> Processes:
-    """torchrun's environment → one process group (nccl on GPU, gloo on CPU); a single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    owns_group = world > 1 and not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return Processes(rank, world, device, owns_group)
-
-
-# -- model and data --------------------------------------------------------------------------------------
-
-
-HUB_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")  # "gpt2", "owner/name"
-
-
-def local_model_dir(name: str) -> Path | None:
-    """The local directory `name` stands for, or None where it stands for a model on the Hugging Face hub.
-
-    A name that exists on disk, starts with ".", "/" or "~" (the home directory), or cannot be a hub id
-    ("name" or "owner/name" of letters, digits, "_", "-" and ".") is a local path; any other is a hub id.
-    Nothing here touches the network.
-    """
-    path = Path(name).expanduser()
-    if path.exists() or name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name):
-        return path
-    return None
-
-
-def load_model_and_tokenizer(path: str, task: str, num_labels: int | None) -> tuple[nn.Module, Any]:
-    """A transformers model and its tokenizer from a local directory (or a hub name, where there is network)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    local = local_model_dir(path)
-    if local is not None and not local.is_dir():
-        raise FileNotFoundError(f"no model directory at {path}")
-    if local is not None and not (local / "config.json").is_file():
-        raise ValueError(f"{path} is not a transformers model directory (no config.json)")
-    source = path if local is None else str(local)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here: LoRA trains it
-    hf_logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        # safetensors only: a pytorch_model.bin is a pickle, which can run code when it is read
-        if task == "seq-cls":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=num_labels, use_safetensors=True
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
-    except Exception as error:  # transformers raises many kinds; each means this directory is bad
-        message = " ".join(str(error).split()) or type(error).__name__  # one line, even from a multi-line error
-        raise ValueError(f"cannot load the model or tokenizer from {path}: {message}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if tokenizer.pad_token_id is None:
-        raise ValueError(f"the tokenizer in {path} has no pad, eos or unk token to pad batches with")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
-    return model, tokenizer
-
-
-def max_positions(model: nn.Module, tokenizer: Any) -> int | None:
-    """The most tokens the model takes in one text: its position table's size, or the tokenizer's limit where
-    that is smaller (RoBERTa's table holds two extra rows), or None where neither says."""
-    # an unset model_max_length is a huge placeholder (transformers' VERY_LARGE_INTEGER)
-    found = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limits = [n for n in found if isinstance(n, int) and 0 < n < 10**9]
-    return min(limits) if limits else None
+# -- the loss ---------------------------------------------------------------------------------------
 
 
 def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -353,7 +149,7 @@ class Trainer:
         Fused: one kernel updates every tensor, where the default steps through them one at a time in Python
         (as transformers' Trainer also defaults to on torch ≥ 2.8)."""
         params = adapter_parameters(self.model)
-        b_keys = {k for k in params if k.endswith(tuple(b for _, b in KEY_SUFFIXES.values()))}
+        b_keys = {k for k in params if is_b_factor_key(k)}
         groups = [{"params": [p for k, p in params.items() if k not in b_keys], "lr": self.config.lr}]
         if b_keys:
             b_params = [p for k, p in params.items() if k in b_keys]  # in model order: checkpoints depend on it
@@ -516,10 +312,7 @@ class Trainer:
 
     def log(self, record: dict[str, Any]) -> None:
         if self.procs.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            # appended, not rewritten atomically: a line torn by a kill is dropped by read_metrics
-            with (self.out / METRICS_NAME).open("a", encoding="utf-8") as f:
-                f.write(json_line(record))
+            append_metrics(self.out / METRICS_NAME, record)
 
     def checkpoint(self, step: int) -> None:
         rank_states = cuda_states = None
@@ -588,7 +381,7 @@ class Trainer:
             write_text_atomic(self.out / "train_config.json", json.dumps(asdict(config), indent=2) + "\n")
             if self.train_set.labels is not None:
                 write_text_atomic(self.out / "labels.json", json.dumps(self.train_set.labels) + "\n")
-            from lorakit.plots import training_plot  # matplotlib only where a plot is drawn
+            from lorakit.io.plots import training_plot  # matplotlib only where a plot is drawn
 
             training_plot(read_metrics(self.out / METRICS_NAME), self.out / "loss.png")
             self.say(f"adapter saved in {self.out}/ (loss plot: {self.out / 'loss.png'})")
@@ -604,30 +397,6 @@ def linear_schedule(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / (warmup + 1)
     return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl log, one JSON object a line.
-
-    A last line that is not valid JSON is dropped: it is the one a run killed mid-write left torn. Any
-    other bad line is a ValueError naming the file and the line.
-    """
-    return [record for _, record in read_jsonl(Path(path), drop_torn_last=True)]
-
-
-def json_line(record: dict[str, Any]) -> str:
-    """One line of standard JSON: a NaN or infinite value (a diverged loss) is written as null, since
-    Python's NaN / Infinity literals are not JSON and other readers (jq, pandas) reject them."""
-    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    return json.dumps(finite, allow_nan=False) + "\n"
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Where a run starts: keep the log lines up to the checkpoint it resumes from (none when it starts from
-    step 0), dropping the interrupted or earlier run's tail and any torn last line."""
-    if path.is_file():
-        kept = [record for record in read_metrics(path) if record.get("step", 0) <= step] if step else []
-        write_text_atomic(path, "".join(json_line(record) for record in kept))
 
 
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:

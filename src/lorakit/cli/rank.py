@@ -18,9 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from lorakit import lowrank
-from lorakit.console import make_console
-from lorakit.files import open_safetensors
-from lorakit.plots import spectrum_plot
+from lorakit.io.console import make_console
+from lorakit.io.files import open_safetensors
+from lorakit.io.plots import spectrum_plot
 
 __all__ = ["add_parser", "matrix_stats", "read_matrices"]
 

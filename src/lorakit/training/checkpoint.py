@@ -21,16 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.atomic import atomic_dir, remove_leftovers
-from lorakit.files import (
-    WEIGHTS_NAME,
-    check_adapter_tensors,
-    read_json_object,
-    read_safetensors,
-    write_adapter,
-    write_safetensors,
-)
-from lorakit.model import adapter_parameters
+from lorakit.engine.adapter_files import check_adapter_tensors, write_adapter
+from lorakit.engine.model import adapter_parameters
+from lorakit.engine.peft_format import WEIGHTS_NAME
+from lorakit.io.atomic import atomic_dir, remove_leftovers
+from lorakit.io.files import read_json_object, read_safetensors, write_safetensors
 
 __all__ = ["checkpoint_dirs", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 

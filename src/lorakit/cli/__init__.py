@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from lorakit import __version__
-from lorakit.commands import demo, finetune, rank, svd
+from lorakit.cli import demo, finetune, rank, svd
 
 __all__ = ["main"]
 

@@ -29,12 +29,12 @@ from torch import nn
 
 import lorakit as lk
 from lorakit import lowrank
-from lorakit.atomic import atomic_file, write_text_atomic
-from lorakit.config import check_positive_int
-from lorakit.console import make_console, make_progress
-from lorakit.files import write_safetensors
-from lorakit.plots import error_bars_plot, loss_plot, spectrum_plot
-from lorakit.report import low_rank_table, write_report
+from lorakit.demo.report import low_rank_table, write_report
+from lorakit.engine.config import check_positive_int
+from lorakit.io.atomic import atomic_file, write_text_atomic
+from lorakit.io.console import make_console, make_progress
+from lorakit.io.files import write_safetensors
+from lorakit.io.plots import error_bars_plot, loss_plot, spectrum_plot
 
 __all__ = ["DemoSettings", "run_demo"]
 

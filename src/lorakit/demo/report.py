@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import os
 
-from lorakit.atomic import write_text_atomic
+from lorakit.io.atomic import write_text_atomic
 
 __all__ = ["low_rank_table", "write_report"]
 

@@ -1,4 +1,4 @@
-"""The SVD adapter commands (see lorakit.svd_tools):
+"""The SVD adapter commands (see lorakit.tools):
 
 lorakit extract BASE TUNED (--rank R | --energy F) --out DIR    a full fine-tune → an adapter
 lorakit resize DIR (--rank R | --energy F) --out DIR2           the best lower-rank adapter
@@ -16,10 +16,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lorakit import svd_tools
-from lorakit.config import targets_from_text
-from lorakit.console import make_console
-from lorakit.plots import similarity_heatmaps, spectrum_plot
+from lorakit.engine.config import targets_from_text
+from lorakit.io.console import make_console
+from lorakit.io.plots import similarity_heatmaps, spectrum_plot
+from lorakit.tools.extract import extract
+from lorakit.tools.inspect import compare, inspect
+from lorakit.tools.resize import COMBINE_METHODS, combine, resize
 
 __all__ = ["add_parser"]
 
@@ -60,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("adapters", nargs="+", metavar="DIR", help="two or more adapter directories")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter (default 1 each)")
-    p.add_argument("--method", choices=svd_tools.COMBINE_METHODS, default="svd", help="how to combine (default svd)")
+    p.add_argument("--method", choices=COMBINE_METHODS, default="svd", help="how to combine (default svd)")
     p.add_argument("--rank", type=int, metavar="R", help="rank of the svd result (default: the largest input rank)")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the combined adapter")
     p.set_defaults(run=run_combine)
@@ -123,7 +125,7 @@ def _cell(value: object) -> str:
 
 def run_extract(args: argparse.Namespace) -> None:
     targets = targets_from_text(args.targets)
-    state = svd_tools.extract(args.base, args.tuned, r=args.rank, energy=args.energy, targets=targets)
+    state = extract(args.base, args.tuned, r=args.rank, energy=args.energy, targets=targets)
     state.config["base_model_name_or_path"] = str(args.base)
     state.save(args.out)
     console = make_console()
@@ -139,7 +141,7 @@ def run_extract(args: argparse.Namespace) -> None:
 
 
 def run_resize(args: argparse.Namespace) -> None:
-    state = svd_tools.resize(args.adapter, r=args.rank, energy=args.energy)
+    state = resize(args.adapter, r=args.rank, energy=args.energy)
     state.save(args.out)
     columns = [
         ("rank before", "rank_before"),
@@ -153,7 +155,7 @@ def run_resize(args: argparse.Namespace) -> None:
 
 
 def run_combine(args: argparse.Namespace) -> None:
-    state = svd_tools.combine(args.adapters, args.weights, method=args.method, r=args.rank)
+    state = combine(args.adapters, args.weights, method=args.method, r=args.rank)
     state.save(args.out)
     console = make_console()
     _report_table(
@@ -166,7 +168,7 @@ def run_combine(args: argparse.Namespace) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> None:
-    rows = list(svd_tools.inspect(args.adapter))
+    rows = list(inspect(args.adapter))
     console = make_console()
     if args.json:
         for row in rows:
@@ -197,7 +199,7 @@ def run_inspect(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    rows = list(svd_tools.compare(args.first, args.second))
+    rows = list(compare(args.first, args.second))
     console = make_console()
     if args.json:
         for row in rows:

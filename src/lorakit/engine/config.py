@@ -17,13 +17,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lorakit.svd_init import is_svd_init
-
 __all__ = [
     "ALL_LINEAR",
     "BIAS_MODES",
     "INIT_MODES",
+    "PISSA_NITER",
+    "SVD_INITS",
     "LoraConfig",
+    "is_svd_init",
     "matches_target",
     "pattern_value",
     "targets_from_text",
@@ -34,6 +35,13 @@ ALL_LINEAR = "all-linear"
 REGEX_SYNTAX = set("^$*+?{}[]()|\\")  # "." is left out: "self_attn.q_proj" is a name, matched as a path suffix
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian", False)
+SVD_INITS = ("pissa", "milora", "olora")  # inits from the weight's own SVD or QR (lorakit.engine.svd_init)
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA through the randomized SVD, K subspace iterations
+
+
+def is_svd_init(init: object) -> bool:
+    """Whether `init` names an init taken from the weight itself: "pissa", "pissa_niter_K", "milora", "olora"."""
+    return isinstance(init, str) and (init in SVD_INITS or PISSA_NITER.fullmatch(init) is not None)
 
 
 @dataclass
@@ -43,7 +51,7 @@ class LoraConfig:
     r: rank of the update; alpha: its scale numerator; dropout: on the adapter's input only.
     init: "kaiming" (A kaiming-uniform with a=√5, B = 0), "gaussian" (A ~ N(0, init_std²), B = 0,
     init_std defaults to 1/r), False (both random, a non-zero adapter for tests), or one of the inits
-    from the SVD or QR of the weight, "pissa", "pissa_niter_K", "milora", "olora" (lorakit.svd_init),
+    from the SVD or QR of the weight, "pissa", "pissa_niter_K", "milora", "olora" (lorakit.engine.svd_init),
     which move the start of training into the weight's own directions and leave W − s·B·A as the base.
     bias: which base biases train, "none", "all" or "lora_only" (those of adapted layers).
     modules_to_save: modules (matched like a target list) trained as full copies, e.g. a new classifier.

@@ -4,10 +4,9 @@ For a wrapped weight W (out × in) and each active adapter with factors A (r × 
 
     y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ,        s = α / r   (α / √r with rsLoRA)
 
-Training computes the low-rank path factored, never as W + s·BA, so it pays for two thin matmuls and no
-out × in weight gradient. Inference without dropout is free to associate: from about 2·in·out / (in + out)
-tokens on, LoraLinear forms W + s·BA for the call (float32/64 only), which costs fewer multiply-adds than
-the two thin matmuls. B starts at zero: a fresh adapter leaves the outputs exactly as they were.
+The low-rank path is applied factored, never as W + s·BA: two thin matmuls and no out × in weight
+gradient. B starts at zero: a fresh adapter leaves the outputs exactly as they were. `LoraLayer.forward` is
+that formula, plainly; LoraLinear computes the same through lorakit.engine.fused where it can.
 
 One class per kind of base layer, each saying how its update is applied and what it is as a full weight:
 - LoraLinear: nn.Linear, and transformers' Conv1D (GPT-2), whose weight is stored (in × out);
@@ -25,14 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as module_hooks  # the hooks registered for all modules
+
+from lorakit.engine import fused
 
 __all__ = [
     "LoraConv",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
-    "LoraLinearFunction",
     "ModuleCopies",
     "PerSampleRouting",
     "is_conv1d",
@@ -51,22 +50,6 @@ class PerSampleRouting:
     def __init__(self, names: list[str], index: torch.Tensor):
         self.names = names  # adapter names; position 0 is "__base__"
         self.index = index  # (batch,) long
-
-
-# The hooks that nn.Module.__call__ runs for every module (the tables are updated in place, never replaced)
-GLOBAL_HOOKS = (
-    module_hooks._global_forward_hooks,
-    module_hooks._global_forward_pre_hooks,
-    module_hooks._global_backward_hooks,
-    module_hooks._global_backward_pre_hooks,
-)
-
-# Some ops take a meta tensor beside real ones and return garbage; accelerate's offloading leaves the factors
-# there, since it moves the weights of modules that are called and the factor tables never are.
-FACTORS_ON_META = (
-    "LoRA factors on the meta device (offloaded, or never loaded) beside real inputs: lorakit needs them in "
-    "memory, on the inputs' device"
-)
 
 
 class LoraLayer(nn.Module):
@@ -165,11 +148,12 @@ class LoraLayer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = self.base(x, *args, **kwargs)
+        """y = base(x) + Σ over active, unmerged adapters of s · B A dropout(x)."""
+        y = self.base(x, *args, **kwargs)  # the frozen layer: x Wᵀ + b
         if self.disabled:
             return y
         if not x.is_meta and any(p.is_meta for p in [*self.lora_A.values(), *self.lora_B.values()]):
-            raise ValueError(FACTORS_ON_META)
+            raise ValueError(fused.FACTORS_ON_META)
         if self.routing is not None:
             if x.shape[0] != self.routing.index.numel():
                 raise ValueError(
@@ -178,7 +162,7 @@ class LoraLayer(nn.Module):
             return self.add_per_sample(y, x, self.routing)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                y = y + self.adapter_output(x, name).to(y.dtype)
+                y = y + self.adapter_output(x, name).to(y.dtype)  # s · B A dropout(x)
         return y
 
     def dropped(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -239,79 +223,8 @@ class LoraLayer(nn.Module):
         return f"adapters=[{ranks}], active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-# W + s·B·A is formed per call only in these: in bf16/fp16 it would round the small update into W's precision
-FULL_PRECISION = (torch.float32, torch.float64)
-
-
-def base_linear(x2: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    """The base layer's own computation on (N, in) rows: nn.Linear's, or Conv1D's addmm with W (in × out)."""
-    if not transposed:
-        return F.linear(x2, W, bias)
-    return torch.addmm(bias, x2, W) if bias is not None else x2 @ W
-
-
-class LoraLinearFunction(torch.autograd.Function):
-    """y = x Wᵀ + b + s · (x' Aᵀ) Bᵀ for one adapter, x' = dropout(x) (None: x itself), as one autograd node.
-
-    Forward adds the low-rank product into the base output in place (one addmm with s as alpha) and
-    saves only x' and h = x' Aᵀ (N × r). Backward computes just the gradients asked for, and accumulates
-    the input gradient's two terms, g W + s (g B) A, into one buffer.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        x_lora: torch.Tensor | None,
-        W: torch.Tensor,
-        bias: torch.Tensor | None,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        scale: float,
-        transposed: bool,
-    ) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        xl2 = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1])
-        h = xl2 @ A.t()  # (N, r)
-        y = base_linear(x2, W, bias, transposed)  # (N, out)
-        y.addmm_(h, B.t(), alpha=scale)
-        ctx.save_for_backward(xl2, x2 if W.requires_grad else None, h, W, A, B)
-        ctx.scale, ctx.transposed, ctx.shape, ctx.shared = scale, transposed, x.shape, x_lora is None
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        xl2, x2, h, W, A, B = ctx.saved_tensors
-        need_x, need_xl, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:6]
-        g = gy.reshape(-1, gy.shape[-1])  # (N, out)
-        gx = gxl = gW = gb = gA = gB = None
-        if need_A or need_xl or (need_x and ctx.shared):
-            gh = (g @ B).mul_(ctx.scale)  # (N, r)
-        if need_B:
-            gB = (g.t() @ h).mul_(ctx.scale)  # (out, r)
-        if need_A:
-            gA = gh.t() @ xl2  # (r, in)
-        if need_x:
-            gx = g @ (W.t() if ctx.transposed else W)  # (N, in)
-            if ctx.shared:
-                gx.addmm_(gh, A)
-            gx = gx.view(ctx.shape)
-        if need_xl and not ctx.shared:
-            gxl = (gh @ A).view(ctx.shape)
-        if need_W:
-            gW = x2.t() @ g if ctx.transposed else g.t() @ x2
-        if need_b:
-            gb = g.sum(0)
-        return gx, gxl, gW, gb, gA, gB, None, None
-
-
 class LoraLinear(LoraLayer):
-    """nn.Linear, or transformers' Conv1D (weight stored in × out): A (r × in), B (out × r).
-
-    With one active adapter (the usual case in training) the forward pass is a single fused autograd node,
-    LoraLinearFunction; anything else (several adapters, mixed batches, dtype mismatches) takes the
-    general path of LoraLayer.
-    """
+    """nn.Linear, or transformers' Conv1D (weight stored in × out): A (r × in), B (out × r)."""
 
     def __init__(self, base: nn.Module):
         super().__init__(base)
@@ -320,76 +233,26 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base.weight.shape
         else:
             self.out_features, self.in_features = base.weight.shape
-        # the fused path computes the base layer itself: only for the plain classes, not subclasses
-        # (quantized linears and the like) whose forward may differ
+        # What the fast path (lorakit.engine.fused) reads on every call, set up once:
+        # - it computes the base layer itself, so only for the plain classes, not subclasses (quantized
+        #   linears and the like) whose forward may differ;
         self.fusable = type(base) is nn.Linear or self.fan_in_fan_out
-        # The parameter tables themselves (live: whatever replaces a parameter replaces it there), so that the
-        # per-call path does plain dict lookups: nn.Module.__getattr__ costs about 1 µs a time, five times a
-        # call, which is a few percent of a 16-token forward pass of a small model.
+        # - the parameter tables themselves (live: whatever replaces a parameter replaces it there), for plain
+        #   dict lookups instead of nn.Module.__getattr__;
         self.base_parameters = base._parameters
         self.A_parameters, self.B_parameters = self.lora_A._parameters, self.lora_B._parameters
-        # Inference with this many tokens or more forms W + s·B·A (out·in·r multiply-adds and a pass over W)
-        # rather than the two thin products (N·r·(in + out)). Measured on CPU, the break-even sits near
-        # N = 1.5 · in·out / (in + out); 2 · in·out / (in + out), a third above it, keeps a margin.
-        fan_in, fan_out = self.in_features, self.out_features
-        self.merge_from_tokens = 2 * fan_in * fan_out // (fan_in + fan_out)
+        # - from this many tokens on, inference forms W + s·B·A (out·in·r multiply-adds) rather than the two thin
+        #   products (N·r·(in + out)): a third above the break-even measured on CPU (bench/NOTES.md).
+        self.merge_from_tokens = 2 * self.in_features * self.out_features // (self.in_features + self.out_features)
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
 
-    def base_runs_alone(self) -> bool:
-        """Whether calling the base module would run its forward and nothing else: no hooks on it or on every
-        module (what nn.Module.__call__ checks), and no forward replaced on the instance (accelerate's
-        offloading does that; old-style weight_norm computes the weight in a pre-hook). Only then may the fused
-        path compute the base layer itself."""
-        own = self._modules["base"].__dict__  # looked up each call: a copy or an unpickled model has new ones
-        hooks = own["_forward_hooks"], own["_forward_pre_hooks"], own["_backward_hooks"], own["_backward_pre_hooks"]
-        return not (any(hooks) or any(GLOBAL_HOOKS) or "forward" in own)
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if (
-            self.fusable
-            and not (args or kwargs or self.disabled or self.routing is not None)
-            and self.base_runs_alone()
-        ):
-            active = self.active_adapters
-            if not self.merged_adapters:
-                if len(active) == 1:
-                    return self.fused_forward(x, active[0])
-            elif all(name in self.merged_adapters for name in active):
-                base = self.base
-                y = base_linear(x.reshape(-1, x.shape[-1]), base.weight, base.bias, self.fan_in_fan_out)
-                return y.view(*x.shape[:-1], self.out_features)
-        return super().forward(x, *args, **kwargs)
-
-    def fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        W, bias = self.base_parameters["weight"], self.base_parameters["bias"]
-        A, B = self.A_parameters[name], self.B_parameters[name]
-        if (A.is_meta or B.is_meta) and not x.is_meta:
-            raise ValueError(FACTORS_ON_META)
-        dtype = x.dtype
-        if x.is_meta or not (dtype == W.dtype == A.dtype == B.dtype) or torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)  # shapes only, mixed dtypes, or autocast choosing one per op: the general path
-        scale, p = self.scale[name], self.dropout[name]
-        x_lora = F.dropout(x, p, True) if p > 0 and self.training else None
-        if torch.is_grad_enabled() and (
-            x.requires_grad
-            or A.requires_grad
-            or B.requires_grad
-            or W.requires_grad
-            or (bias is not None and bias.requires_grad)
-        ):
-            return LoraLinearFunction.apply(x, x_lora, W, bias, A, B, scale, self.fan_in_fan_out)
-        # inference: nothing needs a gradient, so the cheaper association of x (W + s·B·A)ᵀ is free to choose
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        if x2.shape[0] >= self.merge_from_tokens and x_lora is None and dtype in FULL_PRECISION:
-            # form W + s·B·A once (out·in·r multiply-adds) instead of N·r·(in + out) for the two thin products
-            left, right = (A.t(), B.t()) if self.fan_in_fan_out else (B, A)
-            y = base_linear(x2, torch.addmm(W, left, right, alpha=scale), bias, self.fan_in_fan_out)
-        else:
-            y = base_linear(x2, W, bias, self.fan_in_fan_out)
-            y.addmm_(F.linear(x2 if x_lora is None else x_lora.reshape(x2.shape), A), B.t(), alpha=scale)
-        return y.view(*x.shape[:-1], self.out_features)
+        """The plain formula of `LoraLayer.forward`, computed by the fast path wherever it applies (one active
+        adapter, or all merged): lorakit.engine.fused, tested to give the same values and gradients."""
+        y = fused.fast_forward(self, x, args, kwargs)
+        return super().forward(x, *args, **kwargs) if y is None else y
 
     def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         # (..., in) -> (..., r) -> (..., out)

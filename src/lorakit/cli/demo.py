@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.demo import DemoSettings, run_demo
+from lorakit.demo.experiment import DemoSettings, run_demo
 
 __all__ = ["add_parser"]
 

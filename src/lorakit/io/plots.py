@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lorakit import lowrank
-from lorakit.atomic import atomic_file
+from lorakit.io.atomic import atomic_file
 
 __all__ = [
     "error_bars_plot",

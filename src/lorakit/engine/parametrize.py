@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.config import check_positive_int
+from lorakit.engine.config import check_positive_int
 
 __all__ = ["LoRAParametrization"]
 

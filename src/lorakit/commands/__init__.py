@@ -1,1 +1,0 @@
-"""One module per `lorakit` sub-command, each with `add_parser(subparsers)` and the `run` it binds."""

@@ -1,0 +1,1 @@
+"""The LoRA engine: adapters on any PyTorch model, switched, merged, mixed per sample, saved in PEFT's format."""

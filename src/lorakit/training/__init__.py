@@ -1,0 +1,1 @@
+"""`lorakit finetune`: LoRA fine-tuning of transformers models on local data, resumable, on several processes."""

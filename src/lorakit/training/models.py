@@ -1,0 +1,74 @@
+"""Loading the model and tokenizer a run fine-tunes, with transformers, from a local directory (or the hub)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["load_model_and_tokenizer", "local_model_dir", "max_positions"]
+
+HUB_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")  # "gpt2", "owner/name"
+
+
+def local_model_dir(name: str) -> Path | None:
+    """The local directory `name` stands for, or None where it stands for a model on the Hugging Face hub.
+
+    A name that exists on disk, starts with ".", "/" or "~" (the home directory), or cannot be a hub id
+    ("name" or "owner/name" of letters, digits, "_", "-" and ".") is a local path; any other is a hub id.
+    Nothing here touches the network.
+    """
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name):
+        return path
+    return None
+
+
+def load_model_and_tokenizer(path: str, task: str, num_labels: int | None) -> tuple[nn.Module, Any]:
+    """A transformers model and its tokenizer from a local directory (or a hub name, where there is network)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    local = local_model_dir(path)
+    if local is not None and not local.is_dir():
+        raise FileNotFoundError(f"no model directory at {path}")
+    if local is not None and not (local / "config.json").is_file():
+        raise ValueError(f"{path} is not a transformers model directory (no config.json)")
+    source = path if local is None else str(local)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here: LoRA trains it
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        # safetensors only: a pytorch_model.bin is a pickle, which can run code when it is read
+        if task == "seq-cls":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, use_safetensors=True
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
+    except Exception as error:  # transformers raises many kinds; each means this directory is bad
+        message = " ".join(str(error).split()) or type(error).__name__  # one line, even from a multi-line error
+        raise ValueError(f"cannot load the model or tokenizer from {path}: {message}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the tokenizer in {path} has no pad, eos or unk token to pad batches with")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def max_positions(model: nn.Module, tokenizer: Any) -> int | None:
+    """The most tokens the model takes in one text: its position table's size, or the tokenizer's limit where
+    that is smaller (RoBERTa's table holds two extra rows), or None where neither says."""
+    # an unset model_max_length is a huge placeholder (transformers' VERY_LARGE_INTEGER)
+    found = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [n for n in found if isinstance(n, int) and 0 < n < 10**9]
+    return min(limits) if limits else None
