@@ -1,11 +1,12 @@
-# Two commands on a fresh clone: `make demo` runs the main job, `make test` the whole suite.
+# Two commands on a fresh clone: `make demo` runs the main job, `make test` the whole suite (what CI runs);
+# `make test-fast` leaves out the tests marked slow, for the edit-test loop (under a minute on two cores).
 # Both create (or reuse) the virtual environment in .venv.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint
+.PHONY: demo test test-fast lint
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +17,17 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/lorakit demo
 
+# --dist loadgroup: the torchrun tests share one xdist_group, so that one worker runs them one after another
 test: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
+
+test-fast: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=15
 
 lint: $(STAMP)
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench

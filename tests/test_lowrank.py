@@ -1,11 +1,14 @@
-"""lorakit.lowrank against numpy, on random matrices of many shapes and both dtypes, and the notes' examples."""
+"""lorakit.lowrank against numpy, on random matrices of many shapes and both dtypes, and the notes' examples; and
+the algebra of updates given as factors (ΔW = s · B A) without forming ΔW."""
 
 import numpy as np
 import pytest
 import torch
+from helpers import random_factors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lorakit as lk
 from lorakit import lowrank
 
 DTYPES = [torch.float32, torch.float64]
@@ -24,6 +27,8 @@ def random_matrix(m: int, n: int, k: int | None, dtype: torch.dtype, seed: int) 
 
 
 shapes = st.sampled_from([(1, 1), (5, 5), (12, 4), (4, 12), (30, 17), (17, 30), (40, 40)])
+
+
 matrices = st.builds(
     lambda shape, deficient, dtype, seed: random_matrix(
         *shape, max(1, min(shape) // 2) if deficient else None, dtype, seed
@@ -276,9 +281,6 @@ def test_inputs_are_checked():
     assert lowrank.singular_values(torch.eye(3, dtype=torch.bfloat16)).dtype == torch.float32
 
 
-# The worked examples of the LoRA notes lorakit grew from.
-
-
 def test_notes_example_dependent_row_gives_rank_two():
     assert lowrank.rank(torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 1, 0]])) == 2
 
@@ -309,3 +311,72 @@ def test_randomized_truncated_svd_is_reproducible_and_leaves_the_global_random_s
     assert torch.equal(torch.rand(3), expected_next)  # the caller's stream is where it was
     second = lowrank.truncated_svd(M, 5, method="randomized")
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+# -- updates given as factors --------------------------------------------------------------------------------------
+
+
+def test_factored_svd_of_a_rank_above_the_layer_is_thin_and_matches_numpy():
+    A, B = random_factors(8, 40, 16, seed=5, dtype=torch.float64)  # r = 16 > out = 8
+    U, S, Vh = lk.lowrank.factored_svd(B, A, 0.5)
+    assert (U.shape, S.shape, Vh.shape) == ((8, 8), (8,), (8, 40))
+    np.testing.assert_allclose(S.numpy(), np.linalg.svd(0.5 * B.numpy() @ A.numpy(), compute_uv=False), rtol=1e-12)
+    torch.testing.assert_close((U * S) @ Vh, 0.5 * B @ A, atol=1e-12, rtol=0)
+
+
+def test_truncated_factors_multiply_to_the_best_rank_k_approximation_with_balanced_sides():
+    M = torch.randn(12, 9, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    A, B = lowrank.truncated_factors(U, S, Vh, 3)
+    assert A.shape == (3, 9) and B.shape == (12, 3)
+    torch.testing.assert_close(B @ A, lowrank.approx(M, 3), atol=1e-12, rtol=0)
+    torch.testing.assert_close(B.norm(dim=0), A.norm(dim=1), atol=1e-12, rtol=0)  # √Σ on each side
+
+
+def test_frobenius_inner_of_factored_updates_equals_that_of_the_full_products():
+    A1, B1 = random_factors(30, 20, 4, seed=1, dtype=torch.float64)
+    A2, B2 = random_factors(30, 20, 6, seed=2, dtype=torch.float64)
+    expected = float(((B1 @ A1) * (B2 @ A2)).sum())
+    assert lowrank.frobenius_inner(B1, A1, B2, A2) == pytest.approx(expected, rel=1e-12)
+    assert lowrank.frobenius_inner(B1, A1, B1, A1) == pytest.approx(float(torch.linalg.matrix_norm(B1 @ A1)) ** 2)
+
+
+def test_relative_difference_of_factored_updates_matches_the_full_matrices():
+    A1, B1 = random_factors(30, 20, 4, seed=1, dtype=torch.float64)
+    A2, B2 = random_factors(30, 20, 6, seed=2, dtype=torch.float64)
+    expected = float(torch.linalg.matrix_norm(B1 @ A1 - B2 @ A2) / torch.linalg.matrix_norm(B2 @ A2))
+    assert lowrank.relative_difference(B1, A1, B2, A2) == pytest.approx(expected, rel=1e-9)
+    # the same product from other factors, B G and G⁻¹ A: no difference
+    G = torch.randn(4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 4 * torch.eye(4)
+    assert lowrank.relative_difference(B1 @ G, torch.linalg.solve(G, A1), B1, A1) == pytest.approx(0.0, abs=1e-6)
+    # against a zero update, the difference is the absolute norm
+    zero = lowrank.relative_difference(B1, A1, torch.zeros_like(B1), A1)
+    assert zero == pytest.approx(float(torch.linalg.matrix_norm(B1 @ A1)), rel=1e-9)
+
+
+def test_energy_kept_is_the_share_of_squared_singular_values_in_the_top_k():
+    S = torch.tensor([3.0, 2.0, 1.0])
+    assert lowrank.energy_kept(S, 1) == pytest.approx(9 / 14)
+    assert lowrank.energy_kept(S, 2) == pytest.approx(13 / 14)
+    assert lowrank.energy_kept(S, 3) == 1.0
+    assert lowrank.energy_kept(S, 10) == 1.0  # past the spectrum: all of it
+
+
+def test_randomized_svd_seeds_only_the_generator_it_draws_from(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(("all", seed)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("one", seed)))
+    M = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    calls.clear()
+    state = torch.random.get_rng_state()
+    first = lowrank.truncated_svd(M, 3, method="randomized")
+    assert calls == []  # a CPU matrix leaves every CUDA generator alone (torch.manual_seed reseeds them all)
+    assert torch.equal(torch.random.get_rng_state(), state)  # and the caller's CPU stream too
+    second = lowrank.truncated_svd(M, 3, method="randomized")
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)  # seeded: the same triplets on every call
+
+
+def test_energy_kept_by_no_direction_is_zero():
+    assert lowrank.energy_kept(torch.tensor([3.0, 2.0, 1.0]), 0) == 0.0

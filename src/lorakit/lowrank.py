@@ -24,6 +24,8 @@ uses the randomized SVD (Halko et al. 2011, torch.svd_lowrank).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -84,7 +86,17 @@ def _check_rank_arg(r: int, M: torch.Tensor) -> None:
 
 
 def singular_values(M: torch.Tensor) -> torch.Tensor:
-    """All min(m, n) singular values of M, descending."""
+    """All min(m, n) singular values of M, descending.
+
+    Args:
+        M: a real, finite 2-D tensor (m × n); integers are promoted to float64, half precision to float32.
+
+    Returns:
+        A (min(m, n),) tensor in M's (promoted) dtype, on M's device.
+
+    Raises:
+        ValueError: M is not 2-D, is complex, or holds NaN or inf.
+    """
     return torch.linalg.svdvals(as_matrix(M))
 
 
@@ -96,13 +108,38 @@ def default_tolerance(S: torch.Tensor, shape: tuple[int, ...]) -> float:
 
 
 def rank(M: torch.Tensor, tol: float | None = None) -> int:
-    """Numerical rank: the number of singular values above `tol` (default: numpy's rule)."""
+    """Numerical rank: the number of singular values above `tol` (default: numpy's rule).
+
+    numpy's rule: σ_max · max(m, n) · eps of the dtype the singular values are computed in.
+
+    Args:
+        M: a real, finite 2-D tensor (m × n); integers are promoted to float64, half precision to float32.
+        tol: the absolute threshold (None: numpy's rule).
+
+    Returns:
+        The rank, an int in [0, min(m, n)].
+
+    Raises:
+        ValueError: M is not 2-D, is complex, or holds NaN or inf.
+    """
     M = as_matrix(M)
     return rank_of_spectrum(torch.linalg.svdvals(M), tuple(M.shape), tol)
 
 
 def effective_rank(M: torch.Tensor) -> float:
-    """Roy & Vetterli (2007): exp(H(p)) with p = σ / Σσ. Between 1 and rank(M); 0 for the zero matrix."""
+    """Effective rank (Roy & Vetterli 2007): exp(H(p)) with p = σ / Σσ.
+
+    Between 1 and rank(M); 0 for the zero matrix.
+
+    Args:
+        M: a real, finite 2-D tensor (m × n); integers are promoted to float64, half precision to float32.
+
+    Returns:
+        The effective rank, a float.
+
+    Raises:
+        ValueError: M is not 2-D, is complex, or holds NaN or inf.
+    """
     return effective_rank_of_spectrum(singular_values(M))
 
 
@@ -110,12 +147,32 @@ def energy(M: torch.Tensor) -> torch.Tensor:
     """e[k-1] = (σ₁² + … + σ_k²) / Σσᵢ²: non-decreasing, last element exactly 1.
 
     The zero matrix has no energy to share out; its curve is all ones (nothing is missing at any k).
+
+    Args:
+        M: a real, finite 2-D tensor (m × n); integers are promoted to float64, half precision to float32.
+
+    Returns:
+        The curve e, a (min(m, n),) tensor in M's (promoted) dtype.
+
+    Raises:
+        ValueError: M is not 2-D, is complex, or holds NaN or inf.
     """
     return energy_of_spectrum(singular_values(M))
 
 
 def rank_for_energy(M: torch.Tensor, fraction: float) -> int:
-    """The smallest k whose top-k directions hold at least `fraction` of the energy (0 for the zero matrix)."""
+    """The smallest k whose top-k directions hold at least `fraction` of the energy (0 for the zero matrix).
+
+    Args:
+        M: a real, finite 2-D tensor (m × n); integers are promoted to float64, half precision to float32.
+        fraction: the share of ‖M‖_F² to hold, in (0, 1].
+
+    Returns:
+        k, an int in [1, min(m, n)]; 0 for the zero matrix.
+
+    Raises:
+        ValueError: `fraction` is outside (0, 1]; M is not 2-D, is complex, or holds NaN or inf.
+    """
     return rank_for_energy_of_spectrum(singular_values(M), fraction)
 
 
@@ -123,14 +180,30 @@ def rank_for_energy(M: torch.Tensor, fraction: float) -> int:
 
 
 def rank_of_spectrum(S: torch.Tensor, shape: tuple[int, ...], tol: float | None = None) -> int:
-    """How many of the singular values S of a matrix of `shape` stand above `tol` (default: numpy's rule)."""
+    """How many of the singular values S of a matrix of `shape` stand above `tol` (default: numpy's rule).
+
+    Args:
+        S: the matrix's singular values, a 1-D tensor.
+        shape: the matrix's shape (m, n), for the default threshold.
+        tol: the absolute threshold (None: σ_max · max(m, n) · eps of S's dtype).
+
+    Returns:
+        The count, an int.
+    """
     if tol is None:
         tol = default_tolerance(S, shape)
     return int((S > tol).sum())
 
 
 def effective_rank_of_spectrum(S: torch.Tensor) -> float:
-    """`effective_rank` from the singular values S: exp of the entropy of σᵢ / Σσ."""
+    """`effective_rank` from the singular values S: exp of the entropy of σᵢ / Σσ.
+
+    Args:
+        S: a matrix's singular values, a 1-D tensor of non-negative values.
+
+    Returns:
+        The effective rank, a float; 0.0 where S is empty or all zero.
+    """
     if S.numel() == 0 or S.max() == 0:
         return 0.0
     S = S / S.max()  # scale-free, and Σσ of a matrix with entries near float max would overflow
@@ -140,7 +213,14 @@ def effective_rank_of_spectrum(S: torch.Tensor) -> float:
 
 
 def energy_of_spectrum(S: torch.Tensor) -> torch.Tensor:
-    """`energy` from the singular values S (descending): the cumulative share of Σσ², one value per rank."""
+    """`energy` from the singular values S (descending): the cumulative share of Σσ², one value per rank.
+
+    Args:
+        S: a matrix's singular values, a 1-D tensor, descending.
+
+    Returns:
+        A tensor shaped and typed like S, non-decreasing, last element exactly 1; all ones where S is all zero.
+    """
     if S.numel() == 0 or S.max() == 0:
         return torch.ones_like(S)
     squares = (S / S.max()).square()  # scale-free, and σ² overflows from σ ≈ 1e154 (float64) on
@@ -152,7 +232,18 @@ def energy_of_spectrum(S: torch.Tensor) -> torch.Tensor:
 
 
 def rank_for_energy_of_spectrum(S: torch.Tensor, fraction: float) -> int:
-    """`rank_for_energy` from the singular values S: the smallest rank keeping `fraction` of Σσ²."""
+    """`rank_for_energy` from the singular values S: the smallest rank keeping `fraction` of Σσ².
+
+    Args:
+        S: a matrix's singular values, a 1-D tensor, descending.
+        fraction: the share of Σσ² to keep, in (0, 1].
+
+    Returns:
+        The rank, an int in [1, len(S)]; 0 where S is empty or all zero.
+
+    Raises:
+        ValueError: `fraction` is outside (0, 1].
+    """
     if not 0 < fraction <= 1:
         raise ValueError(f"energy fraction must be in (0, 1], got {fraction}")
     if S.numel() == 0 or S.max() == 0:
@@ -169,6 +260,20 @@ def truncated_svd(
     method="exact" (the default) runs the full thin SVD; "randomized" runs torch.svd_lowrank with `niter`
     subspace iterations and some oversampling, an approximation (seeded: the same on every run); "auto" picks
     randomized for large matrices and small r, exact otherwise.
+
+    Args:
+        M: a real, finite 2-D tensor (m × n); integers are promoted to float64, half precision to float32.
+        r: how many triplets, an int in [0, min(m, n)].
+        method: "exact", "randomized" or "auto" (randomized where min(m, n) ≥ 1024 and r ≤ min(m, n) / 10).
+        niter: the randomized SVD's subspace iterations (more: closer to the exact triplets, slower).
+
+    Returns:
+        (U_r, S_r, Vh_r): U_r (m × r) with orthonormal columns, S_r (r,) descending, Vh_r (r × n) with
+        orthonormal rows, in M's (promoted) dtype, on M's device.
+
+    Raises:
+        ValueError: r is not an int in [0, min(m, n)]; an unknown method; M is not 2-D, is complex, or holds
+            NaN or inf.
     """
     M = as_matrix(M)
     _check_rank_arg(r, M)
@@ -180,25 +285,66 @@ def truncated_svd(
         method = "randomized" if big else "exact"
     if method == "randomized" and r > 0:
         q = min(r + RANDOMIZED_OVERSAMPLE, small_side)
-        # a fixed seed in a forked generator: the same triplets on every run, the caller's random stream untouched
-        on_cpu = M.device.type == "cpu"
-        with torch.random.fork_rng([] if on_cpu else [M.device], device_type="cuda" if on_cpu else M.device.type):
-            torch.manual_seed(0)
+        with _seeded_generator(M.device):  # the same triplets on every run, the caller's random streams untouched
             U, S, V = torch.svd_lowrank(M, q=q, niter=niter)
         return U[:, :r], S[:r], V[:, :r].mT
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     return U[:, :r], S[:r], Vh[:r]
 
 
+@contextmanager
+def _seeded_generator(device: torch.device) -> Iterator[None]:
+    """Seeds, for the block, only the generator that draws on `device` (torch.svd_lowrank's Gaussian test
+    matrix), and gives its state back afterwards. `torch.manual_seed` would also reseed every CUDA generator,
+    which `fork_rng` for one device does not save."""
+    on_cpu = device.type == "cpu"
+    with torch.random.fork_rng([] if on_cpu else [device], device_type="cuda" if on_cpu else device.type):
+        if on_cpu:
+            torch.default_generator.manual_seed(0)
+        else:
+            backend = torch.get_device_module(device.type)
+            if hasattr(backend, "device") and device.index is not None:
+                with backend.device(device.index):
+                    backend.manual_seed(0)  # the current device's generator alone
+            else:
+                backend.manual_seed(0)
+        yield
+
+
 def approx(M: torch.Tensor, r: int, method: SVDMethod = "exact") -> torch.Tensor:
-    """The best rank-r approximation of M in Frobenius and spectral norm (Eckart–Young); only close to it
-    with method="randomized" or "auto" (see `truncated_svd`)."""
+    """The best rank-r approximation of M in Frobenius and spectral norm (Eckart–Young).
+
+    Only close to it with method="randomized" or "auto" (see `truncated_svd`).
+
+    Args:
+        M: a real, finite 2-D tensor (m × n); integers are promoted to float64, half precision to float32.
+        r: the rank, an int in [0, min(m, n)].
+        method: "exact", "randomized" or "auto", as in `truncated_svd`.
+
+    Returns:
+        U_r Σ_r V_rᵀ, an m × n tensor in M's (promoted) dtype.
+
+    Raises:
+        ValueError: r is not an int in [0, min(m, n)]; an unknown method; M is not 2-D, is complex, or holds
+            NaN or inf.
+    """
     U, S, Vh = truncated_svd(M, r, method)
     return (U * S) @ Vh
 
 
 def approx_error(M: torch.Tensor, r: int) -> float:
-    """‖M − approx(M, r)‖_F = sqrt(σ_{r+1}² + … + σ_k²), the smallest error any rank-r matrix can have."""
+    """‖M − approx(M, r)‖_F = sqrt(σ_{r+1}² + … + σ_k²), the smallest error any rank-r matrix can have.
+
+    Args:
+        M: a real, finite 2-D tensor (m × n); integers are promoted to float64, half precision to float32.
+        r: the rank, an int in [0, min(m, n)].
+
+    Returns:
+        The error, a float (from the exact singular values).
+
+    Raises:
+        ValueError: r is not an int in [0, min(m, n)]; M is not 2-D, is complex, or holds NaN or inf.
+    """
     M = as_matrix(M)
     _check_rank_arg(r, M)
     return float(torch.linalg.vector_norm(torch.linalg.svdvals(M)[r:]))  # scaled inside: no overflow of σ²
@@ -211,6 +357,19 @@ def factors(
 
     split="sqrt": B = U_r √Σ_r, A = √Σ_r V_rᵀ (balanced, as PiSSA uses them).
     split="left": B = U_r Σ_r, A = V_rᵀ (A has orthonormal rows).
+
+    Args:
+        M: a real, finite 2-D tensor (m × n); integers are promoted to float64, half precision to float32.
+        r: the rank, an int in [0, min(m, n)].
+        split: how Σ_r is shared between the factors, "sqrt" or "left".
+        method: "exact", "randomized" or "auto", as in `truncated_svd`.
+
+    Returns:
+        (B, A): B (m × r) and A (r × n), in M's (promoted) dtype.
+
+    Raises:
+        ValueError: an unknown split (after the SVD has run); r is not an int in [0, min(m, n)]; an unknown
+            method; M is not 2-D, is complex, or holds NaN or inf.
     """
     U, S, Vh = truncated_svd(M, r, method)
     if split == "sqrt":
@@ -226,6 +385,16 @@ def pinv(M: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
 
     Singular values at or below rtol · σ_max count as zero; the default rtol, max(m, n) · eps, is the
     same threshold `rank` uses, so pinv inverts exactly the directions rank counts.
+
+    Args:
+        M: a real, finite 2-D tensor (m × n); integers are promoted to float64, half precision to float32.
+        rtol: the threshold relative to σ_max (None: max(m, n) · eps of M's (promoted) dtype).
+
+    Returns:
+        The pseudo-inverse, an n × m tensor in M's (promoted) dtype.
+
+    Raises:
+        ValueError: M is not 2-D, is complex, or holds NaN or inf.
     """
     M = as_matrix(M)
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
@@ -243,6 +412,19 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> f
 
     U_i holds the top-i right singular vectors of A1 (r1 × n), U_j the top-j of A2 (r2 × n): 1 when one
     subspace contains the other, 0 when they are orthogonal.
+
+    Args:
+        A1: one adapter's A factor (r1 × n), real and finite.
+        A2: another's (r2 × n), with the same n.
+        i: how many of A1's top right singular vectors, an int in [1, min(r1, n)].
+        j: how many of A2's, an int in [1, min(r2, n)].
+
+    Returns:
+        φ, a float in [0, 1].
+
+    Raises:
+        ValueError: i or j out of range; A1 and A2 with different numbers of columns; either is not 2-D, is
+            complex, or holds NaN or inf.
     """
     phi = subspace_similarities(A1, A2)
     for name, k, limit in (("i", i, phi.shape[0]), ("j", j, phi.shape[1])):
@@ -252,9 +434,23 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> f
 
 
 def subspace_similarities(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
-    """Every φ(A1, A2, i, j) of `subspace_similarity` at once, as a k1 × k2 tensor (entry [i-1, j-1]), with
-    k = min(A.shape): one SVD per matrix, since ‖U_iᵀ U_j‖_F² is a prefix sum of the squared entries of
-    V1ᵀ V2 (all right singular vectors of both)."""
+    """Every φ(A1, A2, i, j) of `subspace_similarity` at once, as a k1 × k2 tensor (entry [i-1, j-1]).
+
+    With k = min(A.shape): one SVD per matrix, since ‖U_iᵀ U_j‖_F² is a prefix sum of the squared entries of
+    V1ᵀ V2 (all right singular vectors of both).
+
+    Args:
+        A1: one adapter's A factor (r1 × n), real and finite.
+        A2: another's (r2 × n), with the same n.
+
+    Returns:
+        φ, a k1 × k2 tensor (k1 = min(r1, n), k2 = min(r2, n)) of values in [0, 1], in the two inputs'
+        promoted dtype.
+
+    Raises:
+        ValueError: A1 and A2 with different numbers of columns; either is not 2-D, is complex, or holds NaN or
+            inf.
+    """
     A1, A2 = as_matrix(A1, "A1"), as_matrix(A2, "A2")
     if A1.shape[1] != A2.shape[1]:
         raise ValueError(f"A1 and A2 need the same number of columns, got {tuple(A1.shape)} and {tuple(A2.shape)}")
@@ -276,6 +472,19 @@ def factored_svd(
     """The thin SVD (U, S, Vh) of scale · B A from B (out × r) and A (r × in), never forming out × in.
 
     S holds min(out, in, r) singular values, U is out × that and Vh that × in: r may exceed out or in.
+
+    Args:
+        B: the left factor (out × r).
+        A: the right factor (r × in).
+        scale: s, multiplying the product (it may be negative).
+
+    Returns:
+        (U, S, Vh) in float64, on the factors' device: U (out × k), S (k,) descending, Vh (k × in), with
+        k = min(out, in, r) and U diag(S) Vh = scale · B A.
+
+    Raises:
+        RuntimeError: B's columns and A's rows differ; on the CPU also factors with NaN or inf (raised by torch:
+            nothing is checked here).
     """
     B, A = B.double(), A.double()
     Q_B, R_B = torch.linalg.qr(B)  # (out × k), (k × r), k = min(out, r)
@@ -285,24 +494,71 @@ def factored_svd(
 
 
 def truncated_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of rank k, √Σ on each side, at scale 1."""
+    """(A, B) of rank k, √Σ on each side, at scale 1.
+
+    Args:
+        U: left singular vectors (m × ≥k), as `factored_svd` or `truncated_svd` return them.
+        S: the singular values, descending.
+        Vh: right singular vectors (≥k × n).
+        k: the rank to keep; beyond len(S), all of them are kept.
+
+    Returns:
+        (A, B) (note the order, the reverse of `factors`): A = √Σ_k Vh_k (k × n) and B = U_k √Σ_k (m × k), so
+        that B @ A is the rank-k truncation.
+    """
     root = S[:k].sqrt()
     return root[:, None] * Vh[:k], U[:, :k] * root
 
 
 def frobenius_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
-    """⟨B₁A₁, B₂A₂⟩_F = trace((B₁ᵀB₂)(A₂A₁ᵀ)) from r × r products only."""
+    """⟨B₁A₁, B₂A₂⟩_F = trace((B₁ᵀB₂)(A₂A₁ᵀ)) from r × r products only.
+
+    Args:
+        B1: the first update's left factor (m × r1).
+        A1: its right factor (r1 × n).
+        B2: the second update's left factor (m × r2).
+        A2: its right factor (r2 × n).
+
+    Returns:
+        The inner product, a float computed in float64.
+
+    Raises:
+        RuntimeError: the factors' shapes do not fit together (raised by torch).
+    """
     return float(((B1.double().mT @ B2.double()) * (A1.double() @ A2.double().mT)).sum())
 
 
 def energy_kept(S: torch.Tensor, k: int) -> float:
-    """The fraction of ‖ΔW‖²_F that the top k of its singular values S hold (all of it for k ≥ len(S))."""
+    """The fraction of ‖ΔW‖²_F that the top k of its singular values S hold (all of it for k ≥ len(S)).
+
+    Args:
+        S: ΔW's singular values, a non-empty 1-D tensor, descending.
+        k: how many, 0 or more.
+
+    Returns:
+        The fraction, a float in [0, 1] (0.0 for k = 0; 1.0 for k ≥ 1 where S is all zero).
+    """
+    if k <= 0:
+        return 0.0
     curve = energy_of_spectrum(S.double())
     return float(curve[min(k, curve.numel()) - 1])
 
 
 def relative_difference(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
-    """‖B₁A₁ − B₂A₂‖_F / ‖B₂A₂‖_F, from r × r products only."""
+    """‖B₁A₁ − B₂A₂‖_F / ‖B₂A₂‖_F, from r × r products only.
+
+    Args:
+        B1: the first update's left factor (m × r1).
+        A1: its right factor (r1 × n).
+        B2: the reference update's left factor (m × r2).
+        A2: its right factor (r2 × n).
+
+    Returns:
+        The relative difference, a float; the absolute one, ‖B₁A₁‖_F, where B₂A₂ = 0.
+
+    Raises:
+        RuntimeError: the factors' shapes do not fit together (raised by torch).
+    """
     d2 = frobenius_inner(B1, A1, B1, A1) - 2 * frobenius_inner(B1, A1, B2, A2) + frobenius_inner(B2, A2, B2, A2)
     reference = frobenius_inner(B2, A2, B2, A2)
     return math.sqrt(max(d2, 0.0) / reference) if reference > 0 else math.sqrt(max(d2, 0.0))

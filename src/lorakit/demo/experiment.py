@@ -35,6 +35,7 @@ from lorakit.io.atomic import atomic_file, write_text_atomic
 from lorakit.io.console import make_console, make_progress
 from lorakit.io.files import write_safetensors
 from lorakit.io.plots import error_bars_plot, loss_plot, spectrum_plot
+from lorakit.options import option
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -46,13 +47,15 @@ REPLAY_PER_DIGIT = 25  # the replay sample: this many training images of each ot
 
 @dataclass
 class DemoSettings:
-    out: Path = Path("lorakit-demo")
-    seed: int = 0
-    rank: int = 1
-    alpha: float = 1.0
-    steps: int = 100  # fine-tuning steps for each adapter
-    base_epochs: int = 2
-    quick: bool = False  # fewer steps, for tests
+    """What `lorakit demo` runs: each field but base_epochs is also one of its flags (see its --help)."""
+
+    out: Path = option(Path("lorakit-demo"), "output directory", metavar="DIR")
+    seed: int = option(0, "seed for the split, the initialisation and the batches, 0 to 2**32 - 1")
+    rank: int = option(1, "LoRA rank r")
+    alpha: float = option(1.0, "LoRA α; the update is scaled by α/r")
+    steps: int = option(100, "fine-tuning steps for each adapter")
+    base_epochs: int = 2  # epochs of the base model's training
+    quick: bool = option(False, "a shorter run (at most 60 fine-tuning steps), for tests")
 
     def __post_init__(self) -> None:
         if not str(self.out).strip():  # Path("") is ".": the files would land wherever the command runs

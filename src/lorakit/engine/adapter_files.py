@@ -88,11 +88,33 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     convert_to_lora: bool = False,
 ) -> Path:
-    """Writes `adapter` as a PEFT adapter directory, atomically. Returns the directory.
+    """Writes `adapter` as a PEFT adapter directory, atomically.
 
     convert_to_lora=True, for adapters initialised from the weight (PiSSA, MiLoRA, OLoRA), writes the
     equivalent plain LoRA of rank 2r relative to the original weight instead, which loads onto an
     untouched base model (as PEFT's `path_initial_model_for_weight_conversion` does).
+
+    Args:
+        model: a model with adapters.
+        directory: where adapter_config.json and adapter_model.safetensors go; created if missing. In an
+            existing directory those two files are replaced and every other entry is left alone.
+        adapter: the name of the adapter to write.
+        base_model_name_or_path: written into adapter_config.json, where PEFT's loaders look for the base model
+            (None: written as null).
+        convert_to_lora: for an adapter initialised from the weight, write the plain rank-2r LoRA (above); for
+            any other adapter it changes nothing.
+
+    Returns:
+        The directory, as a Path.
+
+    Raises:
+        ValueError: the model has no adapter named `adapter`.
+        NotADirectoryError: `directory` exists and is not a directory.
+        OSError: the files cannot be written.
+
+    Warns:
+        UserWarning: an adapter initialised with "pissa_niter_K", saved without convert_to_lora: PEFT re-runs
+            its own, unseeded randomized SVD when loading it and starts from other factors.
     """
     directory = Path(directory)
     with atomic_dir(directory) as tmp:

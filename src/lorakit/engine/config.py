@@ -48,15 +48,36 @@ def is_svd_init(init: object) -> bool:
 class LoraConfig:
     """One adapter's settings. ΔW = s · B A with s = alpha / r (alpha / √r with use_rslora).
 
-    r: rank of the update; alpha: its scale numerator; dropout: on the adapter's input only.
-    init: "kaiming" (A kaiming-uniform with a=√5, B = 0), "gaussian" (A ~ N(0, init_std²), B = 0,
-    init_std defaults to 1/r), False (both random, a non-zero adapter for tests), or one of the inits
-    from the SVD or QR of the weight, "pissa", "pissa_niter_K", "milora", "olora" (lorakit.engine.svd_init),
-    which move the start of training into the weight's own directions and leave W − s·B·A as the base.
-    bias: which base biases train, "none", "all" or "lora_only" (those of adapted layers).
-    modules_to_save: modules (matched like a target list) trained as full copies, e.g. a new classifier.
-    task_type: written to the PEFT config file (e.g. "CAUSAL_LM"); "SEQ_CLS" adds the heads "classifier"
-    and "score" to modules_to_save, as PEFT does.
+    Module names are the dotted paths of `model.named_modules()`; how names, regexes and patterns match them is
+    in this module's docstring.
+
+    Attributes:
+        r: rank of the update, a positive integer.
+        alpha: its scale numerator, a finite number.
+        target_modules: the layers that get the adapter: a list of names, a regex string, or "all-linear".
+            Required; a tuple or set becomes a sorted list.
+        exclude_modules: modules that get no adapter although `target_modules` picks them, matched the same way
+            (None: none).
+        dropout: on the adapter's input only, in [0, 1).
+        init: "kaiming" (A kaiming-uniform with a=√5, B = 0), "gaussian" (A ~ N(0, init_std²), B = 0),
+            False (both random, a non-zero adapter for tests), or one of the inits from the SVD or QR of the
+            weight, "pissa", "pissa_niter_K", "milora", "olora" (lorakit.engine.svd_init), which move the start
+            of training into the weight's own directions and leave W − s·B·A as the base. True reads as
+            "kaiming". (Embedding layers start as PEFT's do: A = 0 and B ~ N(0, 1), both random with False.)
+        init_std: the standard deviation of "gaussian"'s A, a positive number (None: 1/r).
+        use_rslora: scale by alpha / √r (rank-stabilised LoRA) instead of alpha / r.
+        bias: which base biases train, "none", "all" or "lora_only" (those of adapted layers).
+        rank_pattern: {pattern: rank} overriding r per layer; the first matching key in sorted order wins.
+        alpha_pattern: {pattern: alpha} overriding alpha per layer, likewise.
+        modules_to_save: modules (matched like a target list) trained as full copies, e.g. a new classifier.
+        task_type: written to the PEFT config file (e.g. "CAUSAL_LM"); "SEQ_CLS" adds the heads "classifier"
+            and "score" to modules_to_save, as PEFT does.
+
+    Raises:
+        ValueError: no `target_modules`; r or a `rank_pattern` value that is not a positive integer; alpha or an
+            `alpha_pattern` value that is not a finite number; patterns that are not a dict; an invalid regular
+            expression; dropout outside [0, 1); an unknown init or bias; an init_std that is not a positive
+            number.
     """
 
     r: int = 8
@@ -113,15 +134,42 @@ class LoraConfig:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
 
     def rank_for(self, module_name: str) -> int:
-        """The rank of the module at `module_name`: its `rank_pattern` entry, else r."""
+        """The rank of the module at `module_name`: its `rank_pattern` entry, else r.
+
+        Args:
+            module_name: the module's dotted path in the model.
+
+        Returns:
+            The value of the first `rank_pattern` key that matches the end of the path at a "." boundary, else r.
+        """
         return pattern_value(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
-        """The α of the module at `module_name`: its `alpha_pattern` entry, else alpha."""
+        """The α of the module at `module_name`: its `alpha_pattern` entry, else alpha.
+
+        Args:
+            module_name: the module's dotted path in the model.
+
+        Returns:
+            The value of the first `alpha_pattern` key that matches the end of the path at a "." boundary, else
+            alpha.
+        """
         return pattern_value(self.alpha_pattern, module_name, self.alpha)
 
     def scale_for(self, module_name: str, r: int | None = None) -> float:
-        """s = α / r (α / √r with rsLoRA) for a module; `r` overrides the configured rank (say, a file's)."""
+        """s = α / r (α / √r with rsLoRA) for a module; `r` overrides the configured rank (say, a file's).
+
+        Args:
+            module_name: the module's dotted path in the model; it picks α (`alpha_for`) and, without `r`, the
+                rank (`rank_for`).
+            r: the rank to scale for instead of the configured one (None: `rank_for(module_name)`). Not checked.
+
+        Returns:
+            The scale s of the module's update ΔW = s · B A.
+
+        Raises:
+            ZeroDivisionError: r=0.
+        """
         r = self.rank_for(module_name) if r is None else r
         alpha = self.alpha_for(module_name)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r

@@ -6,9 +6,10 @@ wherever it answers None. Two cases are worth a path of their own:
 - training with one active adapter: one autograd node (`LoraLinearFunction`) that adds the low-rank
   product into the base output in place, saves only x and h = x Aᵀ (N × r), and computes in backward just
   the gradients asked for;
-- inference: nothing needs a gradient, so the cheaper association is free to choose. From about
-  2·in·out / (in + out) tokens on, forming W + s·B·A for the call costs fewer multiply-adds than the two thin
-  products (float32/64 only: in half precision it would round the small update into W's precision).
+- inference: nothing needs a gradient, so the cheaper association is free to choose. Forming W + s·B·A for
+  the call (out·in·r multiply-adds) beats the two thin products (N·r·(in + out)) from in·out / (in + out)
+  tokens on by count; the path takes it from 2·in·out / (in + out) on, a margin above the break-even measured
+  on CPU (float32/64 only: in half precision it would round the small update into W's precision).
 
 tests/engine/test_fused.py holds both to the plain formula, values and gradients; bench/NOTES.md has the
 measurements behind each choice.

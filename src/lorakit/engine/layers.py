@@ -242,7 +242,7 @@ class LoraLinear(LoraLayer):
         self.base_parameters = base._parameters
         self.A_parameters, self.B_parameters = self.lora_A._parameters, self.lora_B._parameters
         # - from this many tokens on, inference forms W + s·B·A (out·in·r multiply-adds) rather than the two thin
-        #   products (N·r·(in + out)): a third above the break-even measured on CPU (bench/NOTES.md).
+        #   products (N·r·(in + out)): a margin above the measured break-even (bench/NOTES.md).
         self.merge_from_tokens = 2 * self.in_features * self.out_features // (self.in_features + self.out_features)
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -176,7 +176,25 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
     """Adds adapter `adapter` to the layers `config` targets, in place, and makes it the active one.
 
     Only the new adapter trains afterwards (plus `modules_to_save` copies and the biases `config.bias`
-    names); every other parameter, other adapters' included, is frozen. Returns the model.
+    names); every other parameter, other adapters' included, is frozen.
+
+    Args:
+        model: any PyTorch model; one that has adapters already gets one more.
+        config: which modules get the adapter (`target_modules`, `exclude_modules`, `modules_to_save`) and its
+            rank, scale, dropout and init.
+        adapter: the new adapter's name: letters, digits, "_" and "-", neither "__base__" (BASE) nor a name the
+            model has already.
+
+    Returns:
+        The model, changed in place.
+
+    Raises:
+        ValueError: a bad or taken adapter name; `target_modules` that match no module, or that pick an
+            nn.MultiheadAttention's out_proj; a target lorakit cannot wrap (it wraps nn.Linear, transformers
+            Conv1D, nn.Embedding and nn.Conv1d/2d/3d without groups); `modules_to_save` that match no module, or
+            a module that carries adapters; an SVD init on a layer it cannot start from (not Linear or Conv1D,
+            r above min(out, in), alpha 0) or on a tied weight; adapters merged into the base weights.
+        RuntimeError: called inside `lk.disabled(model)`.
     """
     if not isinstance(adapter, str) or not ADAPTER_NAME.fullmatch(adapter) or adapter == BASE:
         raise ValueError(f"adapter names are letters, digits, '_' and '-' (not {BASE!r}), got {adapter!r}")
@@ -244,7 +262,18 @@ def mark_trainable(model: nn.Module, adapter: str) -> None:
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
-    """Removes one adapter everywhere; layers left with no adapter become their original modules again."""
+    """Removes one adapter everywhere; layers left with no adapter become their original modules again.
+
+    A merged adapter is taken out of the base weights first, and one initialised from the weight (PiSSA, MiLoRA,
+    OLoRA) puts the original weight back. Removing the last adapter leaves a plain model.
+
+    Args:
+        model: a model with adapters.
+        adapter: the name of the adapter to remove.
+
+    Raises:
+        ValueError: the model has no adapter named `adapter`.
+    """
     check_known(model, [adapter])
     for path, layer in list(lora_layers(model)):
         if adapter in layer.lora_A:
@@ -265,7 +294,14 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    """The model's adapters, in the order they were added."""
+    """The model's adapters, in the order they were added.
+
+    Args:
+        model: any PyTorch model.
+
+    Returns:
+        The adapter names, a new list (empty for a plain model).
+    """
     return list(configs(model))
 
 
@@ -284,7 +320,20 @@ def check_merged_stay_active(model: nn.Module, names: list[str]) -> None:
 
 
 def set_adapter(model: nn.Module, adapters: str | list[str]) -> None:
-    """Makes `adapters` the active ones; several active adapters add their updates up."""
+    """Makes `adapters` the active ones; several active adapters add their updates up.
+
+    Which parameters train does not change (`inject` and `load_adapter(..., trainable=True)` decide that).
+
+    Args:
+        model: a model with adapters.
+        adapters: one adapter name, or a list of them; every adapter not named becomes inactive (an empty
+            list: the base model alone). A modules_to_save module runs the copy of the first named adapter that
+            has one.
+
+    Raises:
+        ValueError: a name the model has no adapter for, or a merged adapter left out of `adapters`
+            (`unmerge` first).
+    """
     names = [adapters] if isinstance(adapters, str) else list(adapters)
     check_known(model, names)
     check_merged_stay_active(model, names)
@@ -300,7 +349,18 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model is its base alone; the previous state returns even if the block raises.
 
     The base as it is now: under an adapter initialised from the weight (PiSSA, MiLoRA, OLoRA) that is the
-    residual W − s·B₀A₀, not the original W, which `unload` gives back."""
+    residual W − s·B₀A₀, not the original W, which `unload` gives back. Within the block, `inject` and `merge`
+    raise RuntimeError.
+
+    Args:
+        model: any PyTorch model (a plain one is simply itself).
+
+    Yields:
+        The model itself, with every adapter and `modules_to_save` copy switched off.
+
+    Raises:
+        RuntimeError: adapters are merged into the base weights (`unmerge` first).
+    """
     switches = [m for _, m in lora_layers(model)] + [m for _, m in module_copies(model)]
     if any(isinstance(m, LoraLayer) and m.merged_adapters for m in switches):
         raise RuntimeError("adapters are merged into the base weights: lk.unmerge(model) before disabling them")
@@ -333,6 +393,15 @@ def merge(model: nn.Module, safe: bool = False) -> None:
 
     safe=True computes every merged weight first and raises, leaving all weights untouched, if any
     would hold NaN or inf.
+
+    Args:
+        model: a model with adapters; adapters merged already are left as they are.
+        safe: check every merged weight for NaN and inf before any weight changes.
+
+    Raises:
+        ValueError: a weight to merge into is tied to another parameter (a tied embedding and output head),
+            or, with safe=True, a merged weight would hold NaN or inf.
+        RuntimeError: called inside `lk.disabled(model)`.
     """
     check_not_disabled(model, "merge")
     layers = [(path, layer) for path, layer in lora_layers(model)]
@@ -352,20 +421,53 @@ def merge(model: nn.Module, safe: bool = False) -> None:
 
 
 def unmerge(model: nn.Module) -> None:
-    """Takes every merged adapter back out of the base weights."""
+    """Takes every merged adapter back out of the base weights.
+
+    Args:
+        model: any PyTorch model; one with nothing merged is left as it is.
+    """
     with torch.no_grad():
         for _, layer in lora_layers(model):
             layer.unmerge()
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Plain torch modules with the active adapters folded in: no lorakit class is left in the model."""
+    """Plain torch modules with the active adapters folded in: no lorakit class is left in the model.
+
+    Inactive adapters are dropped; one initialised from the weight (PiSSA, MiLoRA, OLoRA) gives its share of W
+    back to the base weight first. Each `modules_to_save` module becomes the copy of the first active adapter
+    that has one (the original where none has).
+
+    Args:
+        model: a model with adapters.
+
+    Returns:
+        The model, changed in place, with lorakit's bookkeeping removed.
+
+    Raises:
+        ValueError: a weight to merge into is tied to another parameter.
+        RuntimeError: called inside `lk.disabled(model)`.
+    """
     merge(model)
+    for _, layer in lora_layers(model):
+        for name in layer.lora_A:
+            if name not in layer.merged_adapters:  # an adapter left out: its SVD init's share of W goes back
+                layer.restore_original_weight(name)
     return _strip(model, keep_copies=True)
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Drops every adapter (unmerging first) and puts the original modules and weights back."""
+    """Drops every adapter (unmerging first) and puts the original modules and weights back.
+
+    Base weights that an adapter initialised from the weight (PiSSA, MiLoRA, OLoRA) had made the residual are
+    restored, and each `modules_to_save` module becomes its original again.
+
+    Args:
+        model: any PyTorch model.
+
+    Returns:
+        The model, changed in place, with lorakit's bookkeeping removed.
+    """
     unmerge(model)
     for _, layer in lora_layers(model):
         for name in list(layer.lora_A):
@@ -386,13 +488,34 @@ def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared parameters count once."""
+    """(trainable, total) parameter counts; shared parameters count once.
+
+    Args:
+        model: any PyTorch model.
+
+    Returns:
+        (trainable, total): the elements of the parameters that require gradients, and of all parameters.
+    """
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors of one adapter, detached, under PEFT's file keys: exactly what `save_adapter` writes."""
+    """The tensors of one adapter, detached, under PEFT's file keys: exactly what `save_adapter` writes.
+
+    (With convert_to_lora=True, `save_adapter` writes other factors for an adapter initialised from the weight.)
+
+    Args:
+        model: a model with adapters.
+        adapter: the adapter's name.
+
+    Returns:
+        {PEFT key: tensor}: the factors, the `modules_to_save` copies' parameters and the biases the adapter
+        trains (see `adapter_parameters`), sharing storage with the model's parameters.
+
+    Raises:
+        ValueError: the model has no adapter named `adapter`.
+    """
     return {key: p.detach() for key, p in adapter_parameters(model, adapter).items()}
 
 
@@ -455,6 +578,23 @@ def forward_per_sample(model: nn.Module, adapter_names: list[str], *args: Any, *
 
     Linear and embedding layers gather their factors per sample and apply them in one batched matmul pair;
     conv layers and `modules_to_save` copies run each adapter the batch names and keep its samples' rows.
+
+    Args:
+        model: a model with adapters, none of them merged.
+        adapter_names: one name per sample, in batch order: any of the model's adapters, active or not, or
+            "__base__" (BASE) for the base model alone. The active adapters stay as they are; inside
+            `lk.disabled(model)` every sample gets the base model.
+        *args: the model's own positional arguments; every adapted layer's input must have len(adapter_names)
+            rows in its first dimension.
+        **kwargs: the model's own keyword arguments.
+
+    Returns:
+        Whatever `model(*args, **kwargs)` returns.
+
+    Raises:
+        ValueError: a name the model has no adapter for; an adapted layer whose input batch is not
+            len(adapter_names) long; a `modules_to_save` module that returns something other than a tensor.
+        RuntimeError: adapters are merged into the base weights (`unmerge` first).
     """
     names = [BASE, *dict.fromkeys(n for n in adapter_names if n != BASE)]
     check_known(model, names[1:])

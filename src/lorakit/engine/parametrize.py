@@ -15,7 +15,7 @@ are float32 whatever the layer's dtype; only the sum W + s·BA takes the layer's
 This materialises the full W + s·BA on every forward pass, and autograd then builds a full-size gradient
 for it: clear for learning, slower and heavier for training than lorakit's layers (`lk.inject`), which
 apply the two factors to the input and never form W + s·BA. Given the same A and B the two give the same
-outputs (tests/test_parametrize.py).
+outputs (tests/engine/test_parametrize.py).
 """
 
 from __future__ import annotations
@@ -29,8 +29,27 @@ __all__ = ["LoRAParametrization"]
 
 
 class LoRAParametrization(nn.Module):
-    """W ↦ W + (alpha / rank) · B A while `enabled`, W itself otherwise; A (rank × features_out) ~ N(0, 1),
-    B (features_in × rank) zero. `(features_in, features_out)` is the weight's shape as stored."""
+    """W ↦ W + (alpha / rank) · B A while `enabled`, W itself otherwise (for torch.nn.utils.parametrize).
+
+    A (rank × features_out) ~ N(0, 1), B (features_in × rank) zero. `(features_in, features_out)` is the
+    weight's shape as stored: (out, in) for nn.Linear, (out, in·k·k) for a conv weight (out, in, k, k).
+
+    Args:
+        features_in: the weight's first dimension as stored (out for nn.Linear and conv layers).
+        features_out: the product of its other dimensions (in for nn.Linear, in·k·k for a conv layer).
+        rank: the rank of the update, a positive integer.
+        alpha: the scale numerator: the update is (alpha / rank) · B A.
+        device: where A and B are created (float32, whatever the layer's dtype).
+
+    Attributes:
+        lora_A: A (rank × features_out), drawn from N(0, 1).
+        lora_B: B (features_in × rank), zero at the start.
+        scale: alpha / rank.
+        enabled: whether `forward` adds the update (True) or returns W as it is.
+
+    Raises:
+        ValueError: `rank` is not a positive integer.
+    """
 
     def __init__(
         self, features_in: int, features_out: int, rank: int = 1, alpha: float = 1, device: str = "cpu"
@@ -45,7 +64,18 @@ class LoRAParametrization(nn.Module):
         self.enabled = True
 
     def forward(self, original_weights: torch.Tensor) -> torch.Tensor:
-        """The weight the layer uses in place of `original_weights`."""
+        """The weight the layer uses in place of `original_weights`.
+
+        Args:
+            original_weights: the layer's registered weight W, of shape (features_in, features_out) or one that
+                flattens to it (a conv weight).
+
+        Returns:
+            W + scale · B A in W's shape and dtype while `enabled`, else W itself.
+
+        Raises:
+            ValueError: W does not flatten to (features_in, features_out), checked while `enabled` only.
+        """
         if not self.enabled:
             return original_weights
         delta = self.lora_B @ self.lora_A  # (features_in, features_out)

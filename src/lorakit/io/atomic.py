@@ -47,12 +47,13 @@ def _naming(error: OSError, path: Path) -> OSError:
     return type(error)(error.errno, f"cannot write {path}: {error.strerror}")
 
 
-def _rename_onto(source: Path, path: Path) -> None:
-    """os.replace(source, path); an error names `path`."""
+def _rename_onto(source: Path, path: Path, named: Path | None = None) -> None:
+    """os.replace(source, path), the one way this module renames; an error names `named` (default `path`), what
+    the caller asked to write, never a temporary name."""
     try:
         os.replace(source, path)
     except OSError as error:
-        raise _naming(error, path) from None
+        raise _naming(error, path if named is None else named) from None
 
 
 def _new_file(path: Path) -> None:
@@ -126,7 +127,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         if not path.exists():
-            os.replace(tmp, path)
+            _rename_onto(tmp, path)
             _fsync_dir(path.parent)
             return
         for entry in sorted(tmp.iterdir()):
@@ -143,11 +144,11 @@ def _replace_entry(new: Path, target: Path) -> None:
         _rename_onto(new, target)
         return
     aside = _sibling(target, ".old", _new_dir)
-    os.replace(target, aside / target.name)
+    _rename_onto(target, aside / target.name, named=target)
     try:
-        os.replace(new, target)
+        _rename_onto(new, target)
     except BaseException:
-        os.replace(aside / target.name, target)
+        _rename_onto(aside / target.name, target)
         aside.rmdir()
         raise
     shutil.rmtree(aside, ignore_errors=True)

@@ -1,7 +1,8 @@
 """The two formats lorakit reads from outside, JSON and safetensors: nothing it reads is ever unpickled.
 
-Every problem with a file (missing, unreadable, corrupt, truncated, the wrong kind of JSON) becomes one
-ValueError that names the file. Writers here write in place: wrap them in lorakit.io.atomic.
+Every problem with a file's contents (corrupt, truncated, not safetensors, the wrong kind of JSON) becomes one
+ValueError that names the file; a file that cannot be opened raises the OSError that says why, which names it.
+Writers here write in place: wrap them in lorakit.io.atomic.
 """
 
 from __future__ import annotations

@@ -37,6 +37,33 @@ def extract(
     one; without either, every weight is read as a Linear's, out × in).
     At a fixed rank, large layers use the randomized SVD (`lowrank.truncated_svd(method="auto")`).
     The report holds each layer's rank, relative Frobenius error (measured) and energy kept.
+
+    Args:
+        base: the model before fine-tuning: a state dict, a .safetensors file or a model directory.
+        tuned: the fine-tuned model, in any of the same forms; every tensor it has, `base` must have too, in the
+            same shape.
+        r: the rank of every layer, at most min(out, in) of each. Exactly one of `r` and `energy`.
+        energy: the fraction of each layer's ‖ΔW‖²_F to keep, in (0, 1]; each layer gets the smallest rank
+            that holds it, at least 1.
+        targets: names or a regex, as in LoraConfig, for the layers to extract (None: every changed weight).
+        kinds: {module path: "linear" | "conv1d" | "embedding"} (None: read from the model directories, as
+            above).
+
+    Returns:
+        The adapter, every layer at scale 1 (α = r). Its report holds, under "layers", each layer's shape,
+        rank, relative error and energy kept; "unchanged", the number of equal tensors; "other_changed", the
+        changed tensors that became no layer (not 2-D floating-point weights, or not among the targets).
+
+    Raises:
+        ValueError: both or neither of `r` and `energy`, or a bad value of either; `r` above a layer's
+            min(out, in); a tensor of TUNED that BASE lacks or has in another shape; a ΔW with NaN or inf; no
+            2-D floating-point weight that differs (among the targets); an unreadable .safetensors file or
+            shard index.
+        FileNotFoundError: `base` or `tuned` is a path to nothing, or a directory without .safetensors files.
+
+    Warns:
+        UserWarning: an extracted embedding is tied to the model's output head: the adapter changes the lookup
+            alone, so the adapted model's outputs differ from TUNED's.
     """
     check_rank_or_energy(r, energy)
     # the models the two describe where they are model directories (BASE may be a bare .safetensors file)

@@ -31,11 +31,24 @@ def rounding_tolerance(layer: LayerFactors) -> float:
 
 
 def inspect(adapter: str | os.PathLike | AdapterState) -> Iterator[dict[str, Any]]:
-    """Per layer: r, α, scale, the singular values of ΔW (from the factors), numerical and effective rank,
-    and the energy curve.
+    """Per layer: r, α, scale, the singular values of ΔW (from the factors), ranks and the energy curve.
 
     The numerical rank counts the singular values that stand above both the float64 round-off of computing
     them (numpy's rule) and what storing the factors in their dtype may have added (`rounding_tolerance`).
+    A generator: the adapter is read, and errors are raised, once iteration starts.
+
+    Args:
+        adapter: an adapter directory or an AdapterState.
+
+    Yields:
+        One dict per layer, in file order: "layer" (its path), "shape" ([out, in]), "r", "alpha", "scale",
+        "singular_values" (the min(out, in, r) singular values of ΔW = s·B·A, descending), "rank" (numerical),
+        "effective_rank" and "energy" (the cumulative share of ‖ΔW‖²_F, one value per singular value).
+
+    Raises:
+        ValueError: an adapter directory or AdapterState that `AdapterState.load` or `AdapterState.layers`
+            refuses.
+        FileNotFoundError: no adapter directory, or one without its files.
     """
     state = as_state(adapter)
     config = config_from_peft(state.config)
@@ -59,8 +72,25 @@ def inspect(adapter: str | os.PathLike | AdapterState) -> Iterator[dict[str, Any
 def compare(
     first: str | os.PathLike | AdapterState, second: str | os.PathLike | AdapterState
 ) -> Iterator[dict[str, Any]]:
-    """Per layer the two adapters share: the subspace similarity φ(i, j) of their A matrices for every
-    i ≤ r₁, j ≤ r₂ (LoRA paper, section 7) and the cosine similarity of the two ΔW."""
+    """Per layer the two adapters share: the subspace similarity of their A matrices and the cosine of their ΔW.
+
+    φ(i, j) is computed for every i ≤ r₁, j ≤ r₂ (LoRA paper, section 7). A generator: the adapters are read,
+    and errors are raised, once iteration starts.
+
+    Args:
+        first: an adapter directory or an AdapterState.
+        second: another.
+
+    Yields:
+        One dict per shared layer, in `first`'s file order: "layer", "r1", "r2", "phi" (phi[i-1][j-1] = φ(i, j),
+        i up to min(r₁, in), j up to min(r₂, in)) and "cosine" (⟨ΔW₁, ΔW₂⟩_F / (‖ΔW₁‖_F ‖ΔW₂‖_F), 0.0 where
+        either update is zero).
+
+    Raises:
+        ValueError: the adapters share no layer; a shared layer's shapes differ; an adapter directory or
+            AdapterState that `AdapterState.load` or `AdapterState.layers` refuses.
+        FileNotFoundError: no adapter directory, or one without its files.
+    """
     one = {layer.path: layer for layer in as_state(first).layers()}
     two = {layer.path: layer for layer in as_state(second).layers()}
     common = [path for path in one if path in two]

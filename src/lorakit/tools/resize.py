@@ -36,9 +36,27 @@ COMBINE_METHODS = get_args(CombineMethod)
 def resize(
     adapter: str | os.PathLike | AdapterState, r: int | None = None, energy: float | None = None
 ) -> AdapterState:
-    """The best adapter of rank r (or of the rank holding `energy` of each layer's ‖ΔW‖²_F), per layer,
-    from the factors alone. Ranks above what a layer's ΔW can have, min(out, in, current rank), are refused
-    (they add nothing)."""
+    """The best adapter of rank r (or of the rank holding `energy` of each layer's ‖ΔW‖²_F), per layer.
+
+    From the factors alone (`lowrank.factored_svd`). Ranks above what a layer's ΔW can have,
+    min(out, in, current rank), are refused (they add nothing).
+
+    Args:
+        adapter: an adapter directory or an AdapterState.
+        r: the new rank of every layer. Exactly one of `r` and `energy`.
+        energy: the fraction of each layer's ‖ΔW‖²_F to keep, in (0, 1]; each layer gets the smallest rank
+            that holds it, at least 1.
+
+    Returns:
+        The resized adapter, every layer at scale 1 (α = r), its factors in their old dtypes. Its report gives
+        each layer's rank before and after, relative Frobenius error and energy kept.
+
+    Raises:
+        ValueError: both or neither of `r` and `energy`, or a bad value of either; `r` above a layer's
+            min(out, in, current rank); an adapter directory or AdapterState that `AdapterState.load` or
+            `AdapterState.layers` refuses.
+        FileNotFoundError: no adapter directory, or one without its files.
+    """
     check_rank_or_energy(r, energy)
     state = as_state(adapter)
     layers = state.layers()
@@ -73,6 +91,25 @@ def combine(
     "svd": the best rank-r fit of the sum (default r: the largest input rank), through `factored_svd`;
     "linear": Σ √|wᵢsᵢ| Aᵢ and Σ ±√|wᵢsᵢ| Bᵢ, for equal ranks: cheap, but its cross terms make it inexact.
     The report gives each layer's relative Frobenius error against the exact sum.
+
+    Args:
+        adapters: two or more adapter directories or AdapterStates; a layer must have the same shape in every
+            adapter that has it.
+        weights: wᵢ, one finite number per adapter (None: all 1).
+        method: "svd", "cat" or "linear", as above.
+        r: the rank of every layer, for "svd" only (None: the largest rank among the adapters that have the
+            layer); capped at min(out, in, sum of the ranks), what the sum can have.
+
+    Returns:
+        The combined adapter, every layer at scale 1 (α = r). Its report holds the method, the weights and,
+        under "layers", each layer's rank and relative error.
+
+    Raises:
+        ValueError: fewer than two adapters; not one weight per adapter; a weight that is NaN or inf; an unknown
+            method; `r` with a method other than "svd", or not a positive integer; a layer with different shapes
+            in two adapters; "linear" on a layer whose ranks differ; an adapter directory or AdapterState that
+            `AdapterState.load` or `AdapterState.layers` refuses.
+        FileNotFoundError: no adapter directory, or one without its files.
     """
     if len(adapters) < 2:
         raise ValueError("combine needs at least two adapters")

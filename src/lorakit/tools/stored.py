@@ -69,7 +69,14 @@ class LayerFactors:
 
 @dataclass
 class AdapterState:
-    """An adapter without a model: PEFT's config dict and its tensors under PEFT's keys."""
+    """An adapter without a model: PEFT's config dict and its tensors under PEFT's keys.
+
+    Attributes:
+        config: adapter_config.json's fields, as PEFT writes them.
+        tensors: {PEFT key: tensor}, as adapter_model.safetensors holds them.
+        report: what made the adapter (the tools' per-layer ranks, errors, energy), saved as report.json beside
+            it; {} for one loaded from disk.
+    """
 
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
@@ -77,14 +84,39 @@ class AdapterState:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> AdapterState:
-        """A PEFT-format adapter directory, its config checked and its tensors read (safetensors only)."""
+        """A PEFT-format adapter directory, its config checked and its tensors read (safetensors only).
+
+        Args:
+            directory: a directory with adapter_config.json and adapter_model.safetensors.
+
+        Returns:
+            The adapter, with an empty report. Its factors are checked by `layers`, not here.
+
+        Raises:
+            FileNotFoundError: no such directory, or it lacks adapter_config.json or adapter_model.safetensors
+                (a pickled adapter_model.bin is named, never read).
+            ValueError: a config that is not a JSON object, not a LoRA config, or uses an option lorakit does
+                not implement; a weights file that is not valid safetensors.
+        """
         directory = Path(directory)
         raw = read_adapter_config(directory)
         config_from_peft(raw, str(directory / CONFIG_NAME))  # validates it
         return cls(raw, read_adapter_weights(directory))
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Writes adapter_config.json, adapter_model.safetensors (and report.json if any), atomically."""
+        """Writes adapter_config.json, adapter_model.safetensors (and report.json if any), atomically.
+
+        Args:
+            directory: where the files go; created if missing. In an existing directory these files are replaced
+                and every other entry is left alone.
+
+        Returns:
+            The directory, as a Path.
+
+        Raises:
+            NotADirectoryError: `directory` exists and is not a directory.
+            OSError: the files cannot be written.
+        """
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             write_adapter_files(tmp, self.config, self.tensors)
@@ -93,7 +125,17 @@ class AdapterState:
         return directory
 
     def layers(self) -> list[LayerFactors]:
-        """The adapted layers, in file order, with their scales resolved from the config."""
+        """The adapted layers, in file order, with their scales resolved from the config.
+
+        Returns:
+            One LayerFactors per layer: A (r × in) and B (out × r) as matrices (conv kernels flattened into
+            columns), the scale for the rank stored in the file, the kind of layer and the stored shapes.
+
+        Raises:
+            ValueError: a config lorakit cannot read; an A factor without its B; factors that are not the two
+                factors of one rank-r update, or hold NaN or inf; no LoRA factors at all; tensors besides the
+                factors (modules_to_save copies or biases).
+        """
         config = config_from_peft(self.config)
         found = []
         for key, A in self.tensors.items():

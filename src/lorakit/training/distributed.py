@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Processes", "start_processes"]
+__all__ = ["Processes", "fully_shard_api", "start_processes"]
 
 
 @dataclass
@@ -31,10 +33,11 @@ class Processes:
         return [t.cpu() for t in gathered]
 
     def end(self) -> None:
-        """Ends the process group, once every process has got here. Garbage first: the gloo work that DDP and
-        FSDP leave in reference cycles, freed only as the interpreter exits, made torch 2.13 abort a process
-        at exit ("terminate called without an active exception", exit -6) in 9 of 55 two-process runs of a
-        pure-torch script; collected before the group ends, in none of 30."""
+        """Ends the process group, once every process has got here.
+
+        Garbage first: the gloo work that DDP and FSDP leave in reference cycles, freed only as the interpreter
+        exits, can make torch abort a process at exit (bench/NOTES.md).
+        """
         dist.barrier()
         gc.collect()
         dist.destroy_process_group()
@@ -61,3 +64,14 @@ def start_processes() -> Processes:
     else:
         device = torch.device("cpu")
     return Processes(rank, world, device, owns_group)
+
+
+def fully_shard_api() -> Callable[..., Any]:
+    """FSDP2's `fully_shard`, public from torch 2.6 on (lorakit's floor); on an older torch, one ValueError
+    that says what --fsdp needs, instead of an import traceback."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        message = f"--fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}"
+        raise ValueError(message) from None
+    return fully_shard

@@ -42,7 +42,7 @@ from lorakit.io.console import make_console, make_progress
 from lorakit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lorakit.training.config import TrainConfig, TrainResult
 from lorakit.training.data import IGNORE_INDEX, Example, TextDataset, collate, epoch_order, label_values, read_records
-from lorakit.training.distributed import start_processes
+from lorakit.training.distributed import fully_shard_api, start_processes
 from lorakit.training.metrics import METRICS_NAME, append_metrics, keep_metrics_until, read_metrics
 from lorakit.training.models import load_model_and_tokenizer, local_model_dir, max_positions
 
@@ -84,6 +84,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, console: Console | None = None):
         self.config = config
         self.console = console or make_console(stderr=True)
+        if config.fsdp:
+            fully_shard_api()  # an old torch is refused before anything loads
         self.procs = start_processes()
         self.out = Path(config.out)
         if self.out.exists() and not self.out.is_dir():
@@ -220,8 +222,7 @@ class Trainer:
             return self.model
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # one order on every process
         if self.config.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
+            fully_shard = fully_shard_api()
             block_names = set(getattr(self.model, "_no_split_modules", None) or [])
             blocks = [m for m in self.model.modules() if type(m).__name__ in block_names]
             for module in blocks:
@@ -400,5 +401,24 @@ def linear_schedule(step: int, warmup: int, total: int) -> float:
 
 
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
-    """Fine-tunes `config.model` with LoRA on `config.data` and writes a PEFT-format adapter to `config.out`."""
+    """Fine-tunes `config.model` with LoRA on `config.data` and writes a PEFT-format adapter to `config.out`.
+
+    Beside the adapter, `config.out` gets metrics.jsonl, loss.png, train_config.json (labels.json for seq-cls)
+    and, with `save_every`, checkpoints/. Under torchrun only rank 0 writes.
+
+    Args:
+        config: the run's settings (see TrainConfig, or `lorakit finetune --help`).
+        console: where progress and messages go (None: a console on stderr); only rank 0 prints.
+
+    Returns:
+        The run's directory, step count, last training loss, final eval metrics and wall-clock seconds.
+
+    Raises:
+        ValueError: `config.out` is a file, or holds checkpoints of an earlier run and `resume` is off; data
+            that cannot be read (empty, not UTF-8, bad JSON or CSV, a missing or empty field); seq-cls data with
+            fewer than two labels, or eval labels the training data lacks; too few examples for one optimizer
+            step; a model directory or hub name transformers cannot load; `targets` that match no module; a
+            checkpoint to resume from that does not fit this run or is past its steps; `fsdp` on torch < 2.6.
+        FileNotFoundError: no data or eval data file, or no local model directory at `config.model`.
+    """
     return Trainer(config, console).run()

@@ -1,8 +1,8 @@
-"""Adapter files: `lk.save_adapter` / `lk.load_adapter` in PEFT's format (adapter_config.json + safetensors).
+"""Adapter files (lorakit.engine.adapter_files): `lk.save_adapter` / `lk.load_adapter` in PEFT's format.
 
-Round trips on small plain-torch models (Embedding, Conv2d, Linear), the config fields and tensor keys
-written, trainable flags and adapter switching after a load, atomic saving, and every kind of bad input:
-each refused with a clear error, the model left exactly as it was.
+Round trips on small plain-torch models (Embedding, Conv2d, Linear), which adapter is saved, trainable flags and
+adapter switching after a load, atomic saving, and every kind of bad input: each refused with a clear error, the
+model left exactly as it was. (The keys and config fields written: test_peft_format.py.)
 """
 
 import json
@@ -11,56 +11,23 @@ import shutil
 
 import pytest
 import torch
-from conftest import tree
-from safetensors import safe_open
+from helpers import NET_TOKENS as TOKENS
+from helpers import adapted_net as adapted
+from helpers import build_net as build
+from helpers import tree
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit as lk
 import lorakit.engine.adapter_files
 import lorakit.engine.peft_format
-from lorakit.cli.rank import read_matrices
 from lorakit.engine import model as engine_model
 from lorakit.engine.layers import LoraLayer, ModuleCopies
 from lorakit.engine.model import active_adapters, lora_layers, module_copies
-from lorakit.tools.sources import TensorSource
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 P = "base_model.model."
-
-
-class Net(nn.Module):
-    """Embedding -> Conv2d -> Linear -> Linear: every kind of layer an adapter file describes."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(20, 8)
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.hidden = nn.Linear(8, 16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, tokens):  # (batch, 8) -> (batch, 8, 3)
-        h = self.embed(tokens)  # (batch, 8, 8)
-        h = self.conv(h.unsqueeze(1)).mean(1)  # (batch, 8, 8)
-        return self.head(torch.relu(self.hidden(h)))
-
-
-def build():
-    """The base model: the same weights on every call."""
-    torch.manual_seed(0)
-    return Net()
-
-
-TOKENS = torch.randint(0, 20, (3, 8), generator=torch.Generator().manual_seed(1))
-
-
-def adapted(adapter="default", seed=1, **config):
-    """The base model with one non-zero adapter."""
-    model = build()
-    torch.manual_seed(seed)
-    kwargs = {"r": 2, "alpha": 4, "target_modules": ["embed", "conv", "hidden"], "init": False}
-    return lk.inject(model, lk.LoraConfig(**{**kwargs, **config}), adapter)
 
 
 def train(model, steps=3):
@@ -79,7 +46,7 @@ def write_config(directory, config):
     (directory / CONFIG).write_text(json.dumps(config))
 
 
-# -- round trips ------------------------------------------------------------------------------------
+# -- round trips ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -168,90 +135,6 @@ def test_biases_changed_by_training_come_back(tmp_path, bias, trained):
     torch.testing.assert_close(fresh(TOKENS), expected, atol=1e-6, rtol=0)
 
 
-# -- what is written --------------------------------------------------------------------------------
-
-
-def test_written_config_has_every_peft_field(tmp_path):
-    model = adapted(
-        r=3,
-        alpha=6,
-        target_modules=["embed", "conv", "hidden"],
-        dropout=0.05,
-        bias="lora_only",
-        use_rslora=True,
-        rank_pattern={"hidden": 5},
-        alpha_pattern={"conv": 2},
-        modules_to_save=["head"],
-        task_type="FEATURE_EXTRACTION",
-    )
-    lk.save_adapter(model, tmp_path / "adapter", base_model_name_or_path="x")
-    config = read_config(tmp_path / "adapter")
-    assert config["peft_type"] == "LORA"
-    assert config["r"] == 3
-    assert config["lora_alpha"] == 6
-    assert config["target_modules"] == ["conv", "embed", "hidden"]
-    assert config["lora_dropout"] == 0.05
-    assert config["bias"] == "lora_only"
-    assert config["use_rslora"] is True
-    assert config["init_lora_weights"] is False
-    assert config["fan_in_fan_out"] is False
-    assert config["rank_pattern"] == {"hidden": 5}
-    assert config["alpha_pattern"] == {"conv": 2}
-    assert config["modules_to_save"] == ["head"]
-    assert config["task_type"] == "FEATURE_EXTRACTION"
-    assert config["base_model_name_or_path"] == "x"
-
-
-def test_written_config_defaults(tmp_path):
-    model = lk.inject(build(), lk.LoraConfig(r=2, target_modules=["hidden"]))
-    lk.save_adapter(model, tmp_path / "adapter")
-    config = read_config(tmp_path / "adapter")
-    assert config["peft_type"] == "LORA"
-    assert config["init_lora_weights"] is True
-    assert config["bias"] == "none"
-    assert config["use_rslora"] is False
-    assert config["rank_pattern"] == {} and config["alpha_pattern"] == {}
-    assert config["modules_to_save"] is None
-    assert config["task_type"] is None
-    assert config["base_model_name_or_path"] is None
-
-
-@pytest.mark.parametrize("init, written", [("kaiming", True), ("gaussian", "gaussian"), (False, False)])
-def test_written_init_lora_weights_follows_peft(tmp_path, init, written):
-    model = lk.inject(build(), lk.LoraConfig(r=2, target_modules=["hidden"], init=init))
-    lk.save_adapter(model, tmp_path / "adapter")
-    assert read_config(tmp_path / "adapter")["init_lora_weights"] == written
-
-
-def test_tensor_keys_follow_peft_and_leave_out_the_adapter_name(tmp_path):
-    model = adapted("my_adapter", target_modules=["embed", "conv", "hidden", "head"])
-    lk.save_adapter(model, tmp_path / "adapter", adapter="my_adapter")
-    tensors = load_file(tmp_path / "adapter" / WEIGHTS)
-    assert set(tensors) == {
-        f"{P}embed.lora_embedding_A",
-        f"{P}embed.lora_embedding_B",
-        f"{P}conv.lora_A.weight",
-        f"{P}conv.lora_B.weight",
-        f"{P}hidden.lora_A.weight",
-        f"{P}hidden.lora_B.weight",
-        f"{P}head.lora_A.weight",
-        f"{P}head.lora_B.weight",
-    }
-    assert not any("my_adapter" in key for key in tensors)
-    # PEFT's shapes: A (r, in), B (out, r); embedding A (r, num), B (dim, r); conv B a 1×1 kernel
-    assert tensors[f"{P}embed.lora_embedding_A"].shape == (2, 20)
-    assert tensors[f"{P}embed.lora_embedding_B"].shape == (8, 2)
-    assert tensors[f"{P}conv.lora_A.weight"].shape == (2, 1, 3, 3)
-    assert tensors[f"{P}conv.lora_B.weight"].shape == (4, 2, 1, 1)
-    assert tensors[f"{P}hidden.lora_A.weight"].shape == (2, 8)
-    assert tensors[f"{P}hidden.lora_B.weight"].shape == (16, 2)
-    for key, value in lk.lora_state_dict(model, "my_adapter").items():
-        assert torch.equal(tensors[key], value), key
-    with safe_open(tmp_path / "adapter" / WEIGHTS, framework="pt") as f:
-        assert f.metadata() == {"format": "pt"}
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [CONFIG, WEIGHTS]
-
-
 def test_only_the_named_adapter_is_saved(tmp_path):
     model = adapted("a", target_modules=["hidden"])
     lk.inject(model, lk.LoraConfig(r=3, target_modules=["embed", "head"], init=False), "b")
@@ -267,7 +150,7 @@ def test_only_the_named_adapter_is_saved(tmp_path):
     assert read_config(tmp_path / "a")["r"] == 2 and read_config(tmp_path / "b")["r"] == 3
 
 
-# -- after a load ------------------------------------------------------------------------------------
+# -- after a load --------------------------------------------------------------------------------------------------
 
 
 def test_load_with_trainable_false_freezes_the_loaded_parameters(tmp_path):
@@ -332,7 +215,7 @@ def test_save_of_a_loaded_adapter_writes_the_same_tensors(tmp_path):
     assert config_one == config_two
 
 
-# -- atomic saving -----------------------------------------------------------------------------------
+# -- atomic saving -------------------------------------------------------------------------------------------------
 
 
 def test_a_save_that_fails_midway_leaves_the_old_adapter_byte_identical(tmp_path, monkeypatch):
@@ -397,7 +280,7 @@ def test_a_failed_resave_keeps_other_files_too(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
-# -- bad input: a clear error, and the model exactly as it was ---------------------------------------------
+# -- bad input: a clear error, and the model exactly as it was -----------------------------------------------------
 
 
 def snapshot(model):
@@ -618,33 +501,6 @@ def test_no_lorakit_module_is_left_after_a_failed_load_into_a_plain_model(good):
     assert not any(isinstance(m, LoraLayer | ModuleCopies) for m in model.modules())
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_every_safetensors_reader_refuses_a_bad_file_with_the_same_error_naming_it(tmp_path, damage):
-    """Adapter weights, extract's model files and `lorakit rank` all read .safetensors through one helper."""
-    path = tmp_path / WEIGHTS
-    save_file({"a": torch.eye(4)}, path)
-    data = path.read_bytes()
-    path.write_bytes(b"\xff" * 64 if damage == "garbage" else data[: len(data) // 2])
-    message = re.escape(f"{path} is not a readable safetensors file: ")
-    for read in (
-        lambda: lorakit.engine.peft_format.read_adapter_weights(tmp_path),
-        lambda: TensorSource(path),
-        lambda: read_matrices(path),
-    ):
-        with pytest.raises(ValueError, match=message):
-            read()
-
-
-def test_saved_files_get_the_permissions_of_a_plain_open(tmp_path):
-    import stat
-
-    (tmp_path / "plain").write_text("x")
-    model = lk.inject(nn.Sequential(nn.Linear(4, 3)), lk.LoraConfig(r=2, target_modules=["0"]))
-    saved = lk.save_adapter(model, tmp_path / "adapter")
-    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
-    assert mode(saved / "adapter_model.safetensors") == mode(saved / "adapter_config.json") == mode(tmp_path / "plain")
-
-
 def nested_fc():
     """fc, then block.fc, whose path ends in the other's name."""
     torch.manual_seed(0)
@@ -704,3 +560,19 @@ def test_targets_written_for_a_model_without_the_other_adapters_full_copies(tmp_
     fresh = lk.load_adapter(nested_fc(), tmp_path / "b")  # where "fc" would also pick block.fc
     assert [path for path, _ in lora_layers(fresh)] == ["fc"]
     torch.testing.assert_close(fresh(x), expected)
+
+
+def test_a_failed_load_into_a_plain_model_leaves_no_lorakit_state_on_it(tmp_path):
+    torch.manual_seed(0)
+    source = lk.inject(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(r=2, target_modules=["0"]))
+    lk.save_adapter(source, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["r"] = 3  # the file's factors have rank 2: the load fails after the adapter was injected
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    plain = nn.Sequential(nn.Linear(4, 4))
+    before = dict(plain.__dict__)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        lk.load_adapter(plain, tmp_path / "adapter")
+    assert plain.__dict__.keys() == before.keys()
+    assert lk.adapter_names(plain) == []
+    assert plain.__dict__.keys() == before.keys()  # a query writes nothing either

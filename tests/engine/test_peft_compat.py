@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_llama
+from helpers import build_tiny_gpt2, build_tiny_llama
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer as PeftLoraLayer

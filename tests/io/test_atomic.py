@@ -1,12 +1,13 @@
 """Atomic writes (lorakit.io.atomic): entries of a directory that a write does not touch are never moved, a failed
 rename leaves the old entry, completed writes are flushed to disk, and the process umask is never touched."""
 
+import errno
 import os
 import stat
 from pathlib import Path
 
 import pytest
-from conftest import tree
+from helpers import tree
 
 from lorakit.io.atomic import atomic_dir, atomic_file, write_text_atomic
 
@@ -131,3 +132,36 @@ def test_a_file_over_a_directory_names_the_destination_not_its_temporary(tmp_pat
     with pytest.raises(IsADirectoryError, match=f"cannot write {tmp_path / 'report.html'}: Is a directory$"):
         write_text_atomic(tmp_path / "report.html", "x")
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left
+
+
+def refuse_renames(monkeypatch):
+    def fail(source, target):
+        raise PermissionError(errno.EACCES, "Permission denied", str(source), None, str(target))
+
+    monkeypatch.setattr(os, "replace", fail)
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new-directory", "into-existing"])
+def test_a_failed_rename_names_the_destination_not_the_temporary(tmp_path, monkeypatch, exists):
+    directory = tmp_path / "out"
+    if exists:
+        with atomic_dir(directory) as tmp:
+            (tmp / "a.txt").write_text("old")
+    refuse_renames(monkeypatch)
+    with pytest.raises(PermissionError) as caught, atomic_dir(directory) as tmp:
+        (tmp / "a.txt").write_text("new")
+    message = str(caught.value)
+    assert str(directory) in message and ".tmp" not in message, message
+
+
+def test_a_failed_rename_of_a_subdirectory_names_it_and_leaves_the_old_one(tmp_path, monkeypatch):
+    directory = tmp_path / "out"
+    with atomic_dir(directory) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.txt").write_text("old")
+    refuse_renames(monkeypatch)
+    with pytest.raises(PermissionError) as caught, atomic_dir(directory) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.txt").write_text("new")
+    assert str(directory / "sub") in str(caught.value) and ".old" not in str(caught.value)
+    assert (directory / "sub" / "a.txt").read_text() == "old"

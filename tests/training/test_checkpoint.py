@@ -157,3 +157,22 @@ def test_saving_removes_what_a_killed_save_left_behind_and_nothing_else(tmp_path
     (root / ".notes").write_text("not lorakit's")
     save_checkpoint(tmp_path, 3, *run_state(seed=1), {}, keep=2)
     assert sorted(p.name for p in root.iterdir()) == [".notes", "step-000003"]
+
+
+def test_checkpoint_of_another_rank_is_refused_and_the_adapter_left_as_it_was(tmp_path):
+    from torch import nn
+
+    from lorakit.training.checkpoint import load_checkpoint, save_checkpoint
+
+    def adapted(r):
+        torch.manual_seed(0)
+        model = lk.inject(nn.Sequential(nn.Linear(6, 4)), lk.LoraConfig(r=r, target_modules=["0"], init=False))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    saved = save_checkpoint(tmp_path, 3, *adapted(2), {}, keep=1)
+    model, optimizer, scheduler = adapted(3)
+    before = {k: v.clone() for k, v in lk.lora_state_dict(model).items()}
+    with pytest.raises(ValueError, match=r"does not fit this run \(other --r.*shape mismatch"):
+        load_checkpoint(saved, model, optimizer, scheduler)
+    assert all(torch.equal(before[k], v) for k, v in lk.lora_state_dict(model).items())

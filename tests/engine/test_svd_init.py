@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_llama
+from helpers import build_tiny_gpt2, build_tiny_llama
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn

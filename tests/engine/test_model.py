@@ -1,4 +1,5 @@
-"""The LoRA engine on plain PyTorch models: injection, the forward formula, adapters, merging, mixed batches."""
+"""The LoRA engine on plain PyTorch models (lorakit.engine.model): injection, adapters, merging, disabling,
+mixed batches, trainable parameters, tied weights, and torch.compile."""
 
 import copy
 import json
@@ -6,51 +7,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ALL, TinyNet
 from torch import nn
 
 import lorakit as lk
 from lorakit.engine import model as engine_model
-from lorakit.engine.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModuleCopies
-
-
-class TinyNet(nn.Module):
-    """Every layer kind lorakit wraps: Embedding, Linear, Conv1d."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(30, 12)
-        self.conv = nn.Conv1d(12, 12, kernel_size=3, padding=1)
-        self.hidden = nn.Linear(12, 24)
-        self.out = nn.Linear(24, 5)
-
-    def forward(self, tokens):  # (batch, L) -> (batch, L, 5)
-        h = self.embed(tokens)
-        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
-        return self.out(torch.relu(self.hidden(h)))
-
-
-ALL = ["embed", "conv", "hidden", "out"]
-
-
-@pytest.fixture
-def net():
-    torch.manual_seed(0)
-    return TinyNet()
-
-
-@pytest.fixture
-def tokens():
-    return torch.randint(0, 30, (4, 7), generator=torch.Generator().manual_seed(1))
-
-
-def test_fresh_adapter_leaves_outputs_exactly_unchanged(net, tokens):
-    before = net(tokens)
-    lk.inject(net, lk.LoraConfig(r=4, alpha=8, target_modules=ALL))
-    assert torch.equal(net(tokens), before)
-    for _, layer in engine_model.lora_layers(net):
-        assert not layer.lora_B["default"].any() or isinstance(layer, LoraEmbedding)
-        if isinstance(layer, LoraEmbedding):  # PEFT's embedding init: A zero, B normal
-            assert not layer.lora_A["default"].any() and layer.lora_B["default"].any()
+from lorakit.engine.layers import LoraLayer, LoraLinear, ModuleCopies
 
 
 def test_only_adapter_parameters_train_and_counts_are_r_times_in_plus_out():
@@ -63,83 +25,6 @@ def test_only_adapter_parameters_train_and_counts_are_r_times_in_plus_out():
     assert total == total_before + trainable
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names == {"0.lora_A.default", "0.lora_B.default", "2.lora_A.default", "2.lora_B.default"}
-
-
-@pytest.mark.parametrize("use_rslora", [False, True])
-def test_linear_forward_is_base_plus_scaled_low_rank_path(use_rslora):
-    torch.manual_seed(0)
-    linear = nn.Linear(10, 6)
-    model = nn.Sequential(linear)
-    lk.inject(model, lk.LoraConfig(r=4, alpha=6, target_modules=["0"], init=False, use_rslora=use_rslora))
-    layer = model[0]
-    A, B = layer.lora_A["default"], layer.lora_B["default"]
-    s = 6 / 4**0.5 if use_rslora else 6 / 4
-    assert layer.scale["default"] == pytest.approx(s)
-    x = torch.randn(3, 5, 10)
-    expected = x @ linear.weight.T + linear.bias + s * (x @ A.T) @ B.T
-    torch.testing.assert_close(model(x), expected)
-
-
-@pytest.mark.parametrize("kind", ["embedding", "conv1d", "conv2d", "conv3d"])
-def test_factored_forward_equals_the_merged_full_weight(kind):
-    torch.manual_seed(0)
-    base, x = {
-        "embedding": (nn.Embedding(20, 6, padding_idx=0), torch.randint(0, 20, (3, 5))),
-        "conv1d": (nn.Conv1d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 9)),
-        "conv2d": (nn.Conv2d(4, 6, (3, 2), padding=1, dilation=(1, 2)), torch.randn(2, 4, 8, 8)),
-        "conv3d": (nn.Conv3d(2, 3, 2), torch.randn(2, 2, 4, 4, 4)),
-    }[kind]
-    model = nn.Sequential(base)
-    lk.inject(model, lk.LoraConfig(r=3, alpha=5, target_modules=["0"], init=False))
-    assert isinstance(model[0], LoraEmbedding if kind == "embedding" else LoraConv)
-    unmerged = model(x)
-    merged = copy.deepcopy(model)
-    lk.merge(merged)
-    torch.testing.assert_close(merged(x), unmerged, atol=1e-5, rtol=1e-5)
-    with lk.disabled(model):
-        assert not torch.allclose(model(x), unmerged)
-
-
-def test_gaussian_init_draws_a_with_std_one_over_r_and_b_zero():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4000, 8))
-    lk.inject(model, lk.LoraConfig(r=4, target_modules=["0"], init="gaussian"))
-    assert model[0].lora_A["default"].std().item() == pytest.approx(1 / 4, rel=0.05)
-    assert not model[0].lora_B["default"].any()
-    lk.inject(model, lk.LoraConfig(r=4, target_modules=["0"], init="gaussian", init_std=0.02), "b")
-    assert model[0].lora_A["b"].std().item() == pytest.approx(0.02, rel=0.05)
-
-
-def test_kaiming_init_matches_loralib_bound():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(400, 8))
-    lk.inject(model, lk.LoraConfig(r=64, target_modules=["0"]))
-    A = model[0].lora_A["default"]
-    # kaiming_uniform with a=√5: bound = 1/√fan_in
-    assert A.abs().max().item() <= 1 / 400**0.5
-    assert A.abs().max().item() > 0.9 / 400**0.5
-
-
-def test_several_active_adapters_add_up(net, tokens):
-    base = net(tokens)
-    lk.inject(net, lk.LoraConfig(r=2, alpha=2, target_modules=ALL, init=False), "a")
-    lk.inject(net, lk.LoraConfig(r=3, alpha=6, target_modules=["hidden"], init=False), "b")
-    assert lk.adapter_names(net) == ["a", "b"]
-    # inject makes the new adapter the active one
-    out_b = net(tokens)
-    lk.set_adapter(net, "a")
-    out_a = net(tokens)
-    # the model is not linear in its layers' outputs, so compare one layer
-    lk.set_adapter(net, ["a", "b"])
-    layer = net.hidden
-    h = torch.randn(2, 12)
-    both = layer(h)
-    lk.set_adapter(net, "a")
-    only_a = layer(h)
-    lk.set_adapter(net, "b")
-    only_b = layer(h)
-    torch.testing.assert_close(both - layer.base(h), (only_a - layer.base(h)) + (only_b - layer.base(h)))
-    assert not torch.allclose(out_a, out_b) and not torch.allclose(out_a, base)
 
 
 def test_disabled_gives_the_base_model_and_restores_state_even_on_error(net, tokens):
@@ -335,45 +220,12 @@ def test_forward_per_sample_uses_batched_matmuls_not_a_loop_per_sub_batch():
     assert all(e.input_shapes[1][0] == 6 for e in batched)
 
 
-def test_config_errors_are_clear(net):
-    with pytest.raises(ValueError, match="r must be a positive integer"):
-        lk.LoraConfig(r=0, target_modules=ALL)
-    with pytest.raises(ValueError, match="alpha must be a finite number"):
-        lk.LoraConfig(r=2, alpha=float("inf"), target_modules=ALL)
-    with pytest.raises(ValueError, match="alpha must be a finite number"):
-        lk.LoraConfig(r=2, alpha=float("nan"), target_modules=ALL)
-    with pytest.raises(ValueError, match="matches no module; the model has: embed, conv, hidden, out"):
-        lk.inject(net, lk.LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="cannot put LoRA on a ReLU"):
-        lk.inject(nn.Sequential(nn.ReLU()), lk.LoraConfig(r=2, target_modules=["0"]))
-
-
 def test_no_match_lists_at_most_ten_module_names():
     model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(15)])
     with pytest.raises(ValueError) as info:
         lk.inject(model, lk.LoraConfig(r=1, target_modules="nothing"))
     listed = str(info.value).split("the model has: ")[1]
     assert listed.count(",") == 10 and listed.endswith("…")
-
-
-def test_target_selection_by_suffix_regex_all_linear_and_exclusion(net):
-    def targets(**kwargs):
-        return engine_model.find_targets(net, lk.LoraConfig(r=1, **kwargs))
-
-    assert targets(target_modules=["hidden", "out"]) == ["hidden", "out"]
-    assert targets(target_modules=r"(hidden|conv)") == ["conv", "hidden"]
-    with pytest.raises(ValueError, match="matches no module"):  # a regex must match the whole path
-        targets(target_modules="hid")
-    assert targets(target_modules="all-linear") == ["hidden", "out"]
-    assert targets(target_modules="all-linear", exclude_modules=["out"]) == ["hidden"]
-
-
-def test_rank_and_alpha_patterns_override_per_layer(net):
-    config = lk.LoraConfig(r=2, alpha=4, target_modules=ALL, rank_pattern={"hidden": 6}, alpha_pattern={"o.t": 1})
-    lk.inject(net, config)
-    assert net.hidden.rank("default") == 6 and net.hidden.scale["default"] == pytest.approx(4 / 6)
-    assert net.out.rank("default") == 2 and net.out.scale["default"] == pytest.approx(1 / 2)
-    assert net.conv.rank("default") == 2 and net.conv.scale["default"] == pytest.approx(2)
 
 
 @pytest.mark.parametrize(
@@ -438,6 +290,7 @@ def test_bfloat16_cast_keeps_working(net, tokens):
     torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_torch_compile_trains_like_eager(net, tokens):
     lk.inject(net, lk.LoraConfig(r=2, target_modules=ALL))
     eager_net = copy.deepcopy(net)
@@ -462,19 +315,6 @@ def test_torch_compile_trains_like_eager(net, tokens):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_command_line_targets_are_names_unless_written_as_a_regex(net):
-    from lorakit.engine.config import targets_from_text
-
-    assert targets_from_text("hidden") == ["hidden"]
-    assert engine_model.find_targets(net, lk.LoraConfig(target_modules=targets_from_text("hidden"))) == ["hidden"]
-    assert targets_from_text("q_proj, v_proj,,down_proj") == ["q_proj", "v_proj", "down_proj"]
-    assert targets_from_text("self_attn.q_proj") == ["self_attn.q_proj"]  # a path suffix, not a regex
-    assert targets_from_text("all-linear") == "all-linear"
-    assert targets_from_text(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
-    assert targets_from_text(r"layers\.\d{1,2}\.mlp\..*") == r"layers\.\d{1,2}\.mlp\..*"  # its comma stays
-    assert targets_from_text(None) is None
-
-
 def test_multihead_attention_out_proj_is_refused_by_name_and_skipped_by_all_linear():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
@@ -486,7 +326,7 @@ def test_multihead_attention_out_proj_is_refused_by_name_and_skipped_by_all_line
 
 
 def test_merging_into_a_tied_embedding_is_refused_and_changes_nothing():
-    from conftest import build_tiny_gpt2
+    from helpers import build_tiny_gpt2
 
     model = build_tiny_gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight  # GPT-2 ties its head to its embedding
@@ -526,3 +366,16 @@ def test_adding_or_merging_an_adapter_inside_disabled_is_refused():
         torch.testing.assert_close(model(x), base)  # still the base alone
         assert lk.adapter_names(model) == ["default"]
     lk.inject(model, lk.LoraConfig(r=2, target_modules=["1"]), "b")  # after the block, as usual
+
+
+def test_merge_and_unload_gives_back_the_original_weight_under_an_inactive_pissa_adapter():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    original = {name: p.detach().clone() for name, p in net.state_dict().items()}
+    lk.inject(net, lk.LoraConfig(r=2, alpha=4, target_modules=["0", "2"], init="pissa"), "svd")
+    lk.inject(net, lk.LoraConfig(r=2, alpha=4, target_modules=["0"], init=False), "plain")  # active, non-zero
+    expected_0 = original["0.weight"] + net[0].delta_weight("plain").detach()
+    plain = lk.merge_and_unload(net)
+    # the residual W − s·B₀A₀ under the inactive PiSSA adapter is W again; the active adapter is folded in
+    torch.testing.assert_close(plain[0].weight, expected_0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(plain[2].weight, original["2.weight"], atol=1e-6, rtol=0)

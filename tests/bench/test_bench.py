@@ -1,4 +1,5 @@
-"""The benchmark suite keeps working (one run at tiny sizes, `python -m bench --quick`), and its statistics."""
+"""The benchmark suite (bench/) keeps working (one run at tiny sizes, `python -m bench --quick`: slow), refuses bad
+arguments before anything runs, and its statistics."""
 
 import json
 import random
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import WorkerFailed, worker
+from bench.__main__ import WorkerFailed, main, worker
 from bench.timing import ratio_interval, summary
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: tests/bench/ is two levels down
 
 
 @pytest.mark.parametrize(
@@ -24,13 +25,17 @@ ROOT = Path(__file__).resolve().parent.parent
         (["--out", "{tmp}/missing/results.json"], "--out {tmp}/missing/results.json: no directory {tmp}/missing"),
     ],
 )
-def test_bad_arguments_are_refused_before_anything_runs(tmp_path, args, message):
-    command = [sys.executable, "-m", "bench", *(a.format(tmp=tmp_path) for a in args)]
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert run.returncode == 2
-    assert run.stderr.strip().endswith(message.format(tmp=tmp_path))
+def test_bad_arguments_are_refused_before_anything_runs(tmp_path, args, message, monkeypatch, capsys):
+    # `python -m bench ARGS`, in this process (the quick run below starts the module itself)
+    monkeypatch.setattr(sys, "argv", ["bench", *(a.format(tmp=tmp_path) for a in args)])
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("a bench process was started"))
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(message.format(tmp=tmp_path))
 
 
+@pytest.mark.slow
 def test_quick_benchmark_run_writes_results_and_summary(tmp_path):
     results, summary = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
     command = [sys.executable, "-m", "bench", "--quick", "--out", str(results), "--markdown", str(summary)]

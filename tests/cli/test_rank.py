@@ -1,13 +1,13 @@
-"""`lorakit rank`: file formats, the worked examples, the plot, and one clear error for bad input."""
+"""`lorakit rank` (lorakit.cli.rank): file formats, the worked examples, the plot, and one clear error for bad
+input."""
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import cli_error, run_cli
+from helpers import cli_error, run_cli
 from safetensors.torch import save_file
 
 
@@ -119,15 +119,3 @@ def npz_bytes(directory) -> bytes:
 def test_bad_input_gets_one_error_line_and_exit_code_2(tmp_path, capsys, make_args, message):
     lines = cli_error(make_args(tmp_path), capsys).strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
-
-
-@pytest.mark.parametrize("entry", ["script", "module"])
-def test_installed_command_and_module_exit_2_without_traceback(tmp_path, entry):
-    import subprocess
-    import sys
-
-    # the console script pip installed next to this interpreter, and `python -m lorakit`
-    command = [str(Path(sys.executable).parent / "lorakit")] if entry == "script" else [sys.executable, "-m", "lorakit"]
-    result = subprocess.run([*command, "rank", str(tmp_path / "missing.csv")], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"lorakit: error: no such file: {tmp_path / 'missing.csv'}"
