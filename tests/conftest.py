@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SENTENCES, TINY_LLAMA, WORDS, write_jsonl
+from helpers import SENTENCES, TINY_LLAMA, WORDS, save_tiny_chat_llama, write_jsonl
 from hypothesis import settings
 
 # The same generated examples on every run: a failure is reproducible, and CI cannot pass on a lucky draw.
@@ -44,3 +44,9 @@ def word_data(tmp_path_factory) -> Path:
     rng = random.Random(0)
     rows = [{"text": rng.choice(SENTENCES)} for _ in range(64)]
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory) -> Path:
+    """The tiny Llama with a ChatML template and a tokenizer whose turns end with <|im_end|> (its eos)."""
+    return save_tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat-llama"))

@@ -62,6 +62,56 @@ def build_tiny_gpt2():
     return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)).eval()
 
 
+# A chat model: the tiny Llama with a word-level tokenizer that knows ChatML's turn markers, and its template.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT_WORDS = [
+    *("system", "user", "assistant", "you", "are", "helpful", "what", "colour", "sky", "grass", "snow", "blue"),
+    *("green", "white", "say", "hello", "hi", "name", "my", "bot", "count", "one", "two", "three", "yes", "no"),
+    *("how", "many", "legs", "has", "four", "six", "eight", "spider", "ant", "and", "thanks", "welcome", "ok"),
+]
+
+
+def build_chat_tokenizer(template: str | None = CHATML):
+    """A word-level tokenizer with [PAD], [UNK], <|im_start|> and <|im_end|> (the end of a turn, also its eos),
+    and the ChatML template (None: no template)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate([*specials, *dict.fromkeys(WORDS + CHAT_WORDS)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        eos_token="<|im_end|>",
+        bos_token=None,
+        chat_template=template,
+    )
+
+
+def save_tiny_chat_llama(path: Path, template: str | None = CHATML) -> Path:
+    """The tiny Llama (random weights, seed 0) and the chat tokenizer, saved with save_pretrained: no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_chat_tokenizer(template)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        **{**TINY_LLAMA, "vocab_size": len(tokenizer), "max_position_embeddings": 128},
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 # -- the command line ----------------------------------------------------------------------------------------
 
 
