@@ -158,6 +158,61 @@ def mixed_batch(
     return interleaved(candidates, repeats)
 
 
+def skewed_examples(setting: Setting, rows: int) -> list:
+    """Examples with skewed lengths, as many as first-fit decreasing packs into `rows` rows of the setting's
+    length: 7 in 8 short (1/32 to 1/8 of a row), 1 in 8 long (half a row to a full one), tokens at random."""
+    import random
+
+    from lorakit.training.data import Example
+    from lorakit.training.packing import pack_examples
+
+    width, rng = setting.batch[1], random.Random(0)
+    examples: list[Example] = []
+    while True:
+        long = rng.random() < 1 / 8
+        n = rng.randint(width // 2, width) if long else rng.randint(max(1, width // 32), max(1, width // 8))
+        example = Example([rng.randrange(setting.vocab) for _ in range(n)])
+        if len(pack_examples([*examples, example], width)) > rows:
+            return examples
+        examples.append(example)
+
+
+def packing(setting: Setting, base: nn.Module, device: torch.device, repeats: int, process: int) -> Timings:
+    """One AdamW step over the same skewed examples: packed into batch/2 rows of the setting's length (one
+    micro-batch), against one example a row right-padded to the longest of its micro-batch of `batch` rows."""
+    from lorakit.training.data import collate
+    from lorakit.training.packing import collate_packed, pack_examples
+
+    size, width = setting.batch
+    examples = skewed_examples(setting, size // 2)
+    rows = pack_examples(examples, width)  # once, as a run packs its dataset once
+    dtype = base.get_input_embeddings().weight.dtype  # the packed attention mask's: the model's own
+    models = built_in_turn(
+        {"packed": lambda: lorakit_model(setting, base), "padded": lambda: lorakit_model(setting, base)}, process
+    )
+
+    def trainer(model, batches):
+        model.train()
+        optimizer = adamw(model)
+
+        def step():
+            for batch in batches():
+                model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    def packed():  # collated in the step, as the trainer does: the packed mask is part of the cost
+        return (collate_packed(rows[i : i + size], pad_id=0, dtype=dtype) for i in range(0, len(rows), size))
+
+    def padded():
+        return (collate(examples[i : i + size], 0, "causal-lm") for i in range(0, len(examples), size))
+
+    candidates = {"packed": trainer(models["packed"], packed), "padded": trainer(models["padded"], padded)}
+    return interleaved(candidates, repeats)
+
+
 def setting_cases(setting: Setting) -> list[Case]:
     """The timed cases of a setting, in the order BENCHMARKS.md lists them."""
     big, small = setting.batch, setting.small_batch
@@ -182,6 +237,8 @@ def setting_cases(setting: Setting) -> list[Case]:
     }
     for shape in setting.mixed_batches:
         cases.append(Case(f"mixed adapters {shape_name(shape)}", partial(mixed_batch, shape=shape), mixed_ratios))
+    if setting.packing:
+        cases.append(Case(f"packing {shape_name(big)}", packing, {"packed / padded": ("packed", "padded")}))
     return cases
 
 

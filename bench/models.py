@@ -25,6 +25,7 @@ class Setting:
     small_batch: tuple[int, int] = (1, 16)
     mixed_batches: tuple[tuple[int, int], ...] = ((8, 128), (32, 16))
     adapters: int = 8
+    packing: bool = False  # times the packing case (bench.cases.packing): packed rows against padded examples
 
     def build(self, dtype: torch.dtype, device: torch.device) -> nn.Module:
         from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -49,6 +50,7 @@ REFERENCE = Setting(
     "llama",
     dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, vocab_size=8000),
     LLAMA_TARGETS,
+    packing=True,
 )
 GPT2 = Setting(
     "gpt2-conv1d",

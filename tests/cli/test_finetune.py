@@ -2,11 +2,12 @@
 outputs, its flags do what they say, and bad input exits 2 with one line and leaves an earlier adapter alone."""
 
 import json
+import math
 import os
 
 import pytest
 import torch
-from helpers import finetune_args, write_jsonl
+from helpers import cli_error, finetune_args, write_jsonl
 
 import lorakit as lk
 from lorakit.cli import main
@@ -24,7 +25,8 @@ def test_finetune_writes_an_adapter_that_lorakit_and_peft_load_with_the_same_out
     assert main([*argv, "--targets", "q_proj,v_proj,down_proj,lm_head"]) == 0
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "train_config.json"):
         assert (out / name).is_file(), name
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    data_record, *records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert data_record == {"step": 0, "train_examples": 64, "train_truncated": 0, "train_dropped": 0}
     assert [r["step"] for r in records] == list(range(1, 21))
     assert all({"loss", "lr", "tokens_per_second", "epoch"} <= set(r) for r in records)
     assert records[-1]["loss"] < 0.3 * records[0]["loss"]
@@ -100,3 +102,67 @@ def test_an_out_that_is_a_file_is_refused_before_training(tiny_llama, word_data,
     (tmp_path / "run").write_text("not a directory")
     assert main(finetune_args(tiny_llama, word_data, tmp_path / "run")) == 2
     assert capsys.readouterr().err.strip() == f"lorakit: error: --out {tmp_path / 'run'} exists and is not a directory"
+
+
+# -- chat and instruction data ---------------------------------------------------------------------------------
+
+CHAT = [{"role": "user", "content": "say hello"}, {"role": "assistant", "content": "hello"}]
+
+
+def test_eval_every_logs_eval_loss_and_perplexity_of_the_answers(tiny_chat_llama, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 8)
+    out = tmp_path / "run"
+    argv = finetune_args(tiny_chat_llama, data, out, "--eval-data", str(data), "--eval-every", "2", "--steps", "4")
+    assert main([*argv, "--batch-size", "4"]) == 0
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all(r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_a_chat_template_file_trains_messages_and_is_kept_beside_the_adapter(tiny_llama, tmp_path):
+    from helpers import CHATML
+
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    data = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat"}]}] * 8,
+    )
+    out = tmp_path / "run"
+    assert main(finetune_args(tiny_llama, data, out, "--chat-template", str(template), "--steps", "1")) == 0
+    assert (out / "chat_template.jinja").read_text() == CHATML
+
+
+@pytest.mark.parametrize(
+    "rows, extra, message",
+    [
+        ([{"messages": CHAT}], [], "messages need a chat template, and the tokenizer has none"),
+        ([{"messages": [{"role": "wizard", "content": "hi"}]}], [], "line 1: message 0 has the unknown role 'wizard'"),
+        ([{"messages": CHAT[:1]}], [], "line 1: the conversation has no assistant turn"),
+        (
+            [{"prompt": "a", "completion": 3}],
+            [],
+            "line 1: 'prompt' and 'completion' must both be text or both be lists",
+        ),
+        (
+            [{"text": "the cat"}, {"prompt": "a", "completion": "b"}],
+            [],
+            "line 2: a prompt-completion row in a file of text",
+        ),
+        ([{"text": "the cat sat"}], ["--chat-template", "BAD"], "line 1: not a valid Jinja template"),
+        ([{"text": "the cat sat"}], ["--task", "seq-cls", "--packing"], "--packing, --format and --chat-template are"),
+    ],
+    ids=["no-template", "role", "no-answer", "types", "mixed", "bad-jinja", "packing-seq-cls"],
+)
+def test_bad_chat_data_exits_2_naming_the_file_and_line_and_writes_nothing(
+    tiny_llama, tmp_path, capsys, rows, extra, message
+):
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m }")
+    out = tmp_path / "run"
+    extra = [str(bad) if e == "BAD" else e for e in extra]
+    err = " ".join(cli_error(finetune_args(tiny_llama, data, out, *extra), capsys).split())
+    assert message in err, err
+    assert not out.exists()

@@ -159,7 +159,7 @@ def test_forward_per_sample_matches_one_adapter_at_a_time(net, tokens):
     lk.inject(net, lk.LoraConfig(r=2, alpha=2, target_modules=ALL, init=False), "a")
     lk.inject(net, lk.LoraConfig(r=5, alpha=3, target_modules=["hidden", "out", "embed"], init=False), "b")
     assert_mixed_batch_matches_one_adapter_at_a_time(net, tokens, ["b", lk.BASE, "a", "b"], atol=1e-5)
-    with pytest.raises(ValueError, match="3 adapter names for a batch of 4"):
+    with pytest.raises(ValueError, match="a mixed batch names 3 adapters for a batch of 4 samples"):
         lk.forward_per_sample(net, ["a", "b", "a"], tokens)
     with pytest.raises(ValueError, match="unknown adapter 'zzz'"):
         lk.forward_per_sample(net, ["zzz"] * 4, tokens)
@@ -218,6 +218,25 @@ def test_forward_per_sample_uses_batched_matmuls_not_a_loop_per_sub_batch():
     # x Aᵀ, then the accumulation of (x Aᵀ) Bᵀ into the base output: each over all six samples at once
     assert [e.name for e in batched] == ["aten::bmm", "aten::baddbmm_"]
     assert all(e.input_shapes[1][0] == 6 for e in batched)
+
+
+def test_per_sample_routes_every_call_in_the_block_and_is_removed_after_it_even_on_error(net, tokens):
+    lk.inject(net, lk.LoraConfig(r=2, alpha=2, target_modules=ALL, init=False), "a")
+    lk.inject(net, lk.LoraConfig(r=3, alpha=3, target_modules=["hidden", "out"], init=False), "b")
+    order = ["b", lk.BASE, "a", "b"]
+    expected = lk.forward_per_sample(net, order, tokens)
+    active = net(tokens)  # "b", the active adapter, on every sample
+    with engine_model.per_sample(net, order) as routed:
+        assert routed is net
+        for _ in range(2):  # every call inside the block, as model.generate makes many
+            torch.testing.assert_close(net(tokens), expected, atol=0, rtol=0)
+    torch.testing.assert_close(net(tokens), active, atol=0, rtol=0)
+    with pytest.raises(KeyError), engine_model.per_sample(net, order):
+        raise KeyError("inside the block")
+    assert all(m.routing is None for m in net.modules() if hasattr(m, "routing"))
+    torch.testing.assert_close(net(tokens), active, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="unknown adapter 'zzz'"), engine_model.per_sample(net, ["zzz"] * 4):
+        pass
 
 
 def test_no_match_lists_at_most_ten_module_names():

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from lorakit.training.data import IGNORE_INDEX, Example, TextDataset, collate, epoch_order, read_records
+from lorakit.training.chat import Conversation, language_dataset
+from lorakit.training.data import IGNORE_INDEX, Example, classification_dataset, collate, epoch_order, read_records
 
 
 def test_reads_jsonl_csv_and_plain_text(tmp_path):
@@ -93,18 +94,23 @@ def test_examples_are_truncated_to_max_length_and_labels_map_to_class_ids(tiny_l
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     records = [{"text": "the cat sat on the mat", "label": "b"}, {"text": "a dog ran", "label": "a"}]
-    lm = TextDataset(records, tokenizer, "causal-lm", max_length=4)
+    lm = language_dataset([Conversation(n, text=r["text"]) for n, r in enumerate(records, 1)], tokenizer, 4)
     assert [len(e.input_ids) for e in lm.examples] == [4, 3]
     assert lm.examples[0].input_ids == tokenizer("the cat sat on")["input_ids"]
-    cls = TextDataset(records, tokenizer, "seq-cls", max_length=16)
+    assert (lm.stats.examples, lm.stats.truncated, lm.stats.dropped) == (2, 1, 0)
+    cls = classification_dataset(records, tokenizer, max_length=16)
     assert cls.labels == ["a", "b"] and [e.label for e in cls.examples] == [1, 0]
     with pytest.raises(ValueError, match="label 'c' is not one of the training labels"):
-        TextDataset([{"text": "sun", "label": "c"}], tokenizer, "seq-cls", max_length=16, labels=cls.labels)
+        classification_dataset([{"text": "sun", "label": "c"}], tokenizer, max_length=16, labels=cls.labels)
 
 
-def test_a_text_without_tokens_is_refused_by_name():
-    def tokenizer(texts, truncation, max_length):  # one that drops what it cannot encode
-        return {"input_ids": [[] if t == "\u200b" else [5, 6] for t in texts]}
+def test_a_text_without_tokens_is_refused_by_name_for_classification_and_dropped_for_language():
+    def tokenizer(texts, truncation=False, max_length=None):  # one that drops what it cannot encode
+        batch = [texts] if isinstance(texts, str) else texts
+        ids = [[] if t == "\u200b" else [5, 6] for t in batch]
+        return {"input_ids": ids[0] if isinstance(texts, str) else ids}
 
     with pytest.raises(ValueError, match=r"the text '\\u200b' has no tokens for this tokenizer"):
-        TextDataset([{"text": "fine"}, {"text": "\u200b"}], tokenizer, "causal-lm", max_length=8)
+        classification_dataset([{"text": "fine", "label": 0}, {"text": "\u200b", "label": 1}], tokenizer, 8)
+    data = language_dataset([Conversation(1, text="fine"), Conversation(2, text="\u200b")], tokenizer, 8)
+    assert (data.stats.examples, data.stats.dropped, data.stats.dropped_lines) == (1, 1, [2])

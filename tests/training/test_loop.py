@@ -71,8 +71,10 @@ def test_loss_count_is_the_number_of_terms_the_summed_loss_adds(task):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_bit_for_bit_like_an_uninterrupted_one(tiny_llama, word_data, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_killed_run_resumes_bit_for_bit_like_an_uninterrupted_one(tiny_llama, word_data, tmp_path, packing):
     args = ["--steps", "40", "--batch-size", "4", "--save-every", "5", "--dropout", "0.1", "--grad-accum", "2"]
+    args += ["--packing", "--max-length", "16"] if packing else []  # three or so sentences a row
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert run_module(finetune_args(tiny_llama, word_data, full, *args)).returncode == 0
 
@@ -93,8 +95,9 @@ def test_killed_run_resumes_bit_for_bit_like_an_uninterrupted_one(tiny_llama, wo
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr and "the checkpoint's run had other settings" not in resumed.stderr
     assert adapters_equal(full, killed)
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 41))  # the interrupted run's extra lines were dropped on resume
+    records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(41))  # the interrupted run's extra lines were dropped on resume
+    assert records[0] == {"step": 0, "train_examples": 64, "train_truncated": 0, "train_dropped": 0}
 
 
 def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(tiny_llama, word_data, tmp_path, capsys):
@@ -122,8 +125,8 @@ def test_resume_after_a_kill_mid_log_line_continues_the_log(tiny_llama, word_dat
         f.write('{"step": 2, "lo')  # the line a kill interrupted
     assert main([*args, "--resume"]) == 0, capsys.readouterr().err
     records = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2]
-    assert all(r["loss"] < 99 for r in records)  # a run from step 0 starts its log afresh
+    assert [r["step"] for r in records] == [0, 1, 2]  # the data's counts, then the steps
+    assert all(r["loss"] < 99 for r in records[1:])  # a run from step 0 starts its log afresh
     assert (out / "metrics.jsonl").read_text().endswith("}\n")
 
 

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from lorakit import __version__
-from lorakit.cli import demo, finetune, rank, svd
+from lorakit.cli import demo, finetune, generate, merge, rank, svd
 
 __all__ = ["main"]
 
-COMMANDS = (demo, finetune, rank, svd)
+COMMANDS = (demo, finetune, generate, merge, rank, svd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -157,7 +157,7 @@ class LoraLayer(nn.Module):
         if self.routing is not None:
             if x.shape[0] != self.routing.index.numel():
                 raise ValueError(
-                    f"forward_per_sample got {self.routing.index.numel()} adapter names for a batch of {x.shape[0]}"
+                    f"a mixed batch names {self.routing.index.numel()} adapters for a batch of {x.shape[0]} samples"
                 )
             return self.add_per_sample(y, x, self.routing)
         for name in self.active_adapters:

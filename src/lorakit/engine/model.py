@@ -48,6 +48,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "parameter_counts",
+    "per_sample",
     "set_adapter",
     "trained_biases",
     "unload",
@@ -573,11 +574,53 @@ def trained_biases(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
 # -- mixed batches ---------------------------------------------------------------------------------
 
 
+@contextmanager
+def per_sample(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Module]:
+    """Within the block, sample i of every batch the model runs uses adapter `adapter_names[i]` (`"__base__"`:
+    none); the routing is removed on exit, even if the block raises.
+
+    For code that calls the model many times on batches of the same samples, as `model.generate` does: every
+    call inside the block is a mixed batch (see `forward_per_sample`, which is this around one call).
+
+    Args:
+        model: a model with adapters, none of them merged.
+        adapter_names: one name per sample, in batch order: any of the model's adapters, active or not, or
+            "__base__" (BASE) for the base model alone. The active adapters stay as they are; inside
+            `lk.disabled(model)` every sample gets the base model.
+
+    Yields:
+        The model itself, routing each sample through its own adapter.
+
+    Raises:
+        ValueError: a name the model has no adapter for; inside the block, an adapted layer whose input batch
+            is not len(adapter_names) long.
+        RuntimeError: adapters are merged into the base weights (`unmerge` first).
+    """
+    names = [BASE, *dict.fromkeys(n for n in adapter_names if n != BASE)]
+    check_known(model, names[1:])
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged_adapters for layer in layers):
+        raise RuntimeError("adapters are merged into the base weights: lk.unmerge(model) before a mixed batch")
+    reference = next((p for p in model.parameters()), None)
+    device = reference.device if reference is not None else None
+    routing = PerSampleRouting(names, torch.tensor([names.index(n) for n in adapter_names], device=device))
+    routed = layers + [c for _, c in module_copies(model)]
+    previous = [m.routing for m in routed]  # a block inside another one gives the outer routing back
+    for m in routed:
+        m.routing = routing
+    try:
+        yield model
+    finally:
+        for m, was in zip(routed, previous, strict=True):
+            m.routing = was
+
+
 def forward_per_sample(model: nn.Module, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
     """Runs the model with adapter `adapter_names[i]` for sample i of the batch (`"__base__"`: none).
 
     Linear and embedding layers gather their factors per sample and apply them in one batched matmul pair;
     conv layers and `modules_to_save` copies run each adapter the batch names and keep its samples' rows.
+    `per_sample` does the same for every call within a block (generation).
 
     Args:
         model: a model with adapters, none of them merged.
@@ -596,19 +639,5 @@ def forward_per_sample(model: nn.Module, adapter_names: list[str], *args: Any, *
             len(adapter_names) long; a `modules_to_save` module that returns something other than a tensor.
         RuntimeError: adapters are merged into the base weights (`unmerge` first).
     """
-    names = [BASE, *dict.fromkeys(n for n in adapter_names if n != BASE)]
-    check_known(model, names[1:])
-    layers = [layer for _, layer in lora_layers(model)]
-    if any(layer.merged_adapters for layer in layers):
-        raise RuntimeError("adapters are merged into the base weights: lk.unmerge(model) before a mixed batch")
-    reference = next((p for p in model.parameters()), None)
-    device = reference.device if reference is not None else None
-    routing = PerSampleRouting(names, torch.tensor([names.index(n) for n in adapter_names], device=device))
-    copies = [c for _, c in module_copies(model)]
-    for m in layers + copies:
-        m.routing = routing
-    try:
+    with per_sample(model, adapter_names):
         return model(*args, **kwargs)
-    finally:
-        for m in layers + copies:
-            m.routing = None

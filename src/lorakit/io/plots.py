@@ -104,18 +104,24 @@ def loss_plot(curves: Mapping[str, Sequence[float]], path: str | os.PathLike) ->
 
 
 def training_plot(records: Sequence[Mapping], path: str | os.PathLike) -> None:
-    """Training loss per step from the records of a metrics.jsonl log (`train.read_metrics`), with eval loss
-    where there is one."""
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    """Training loss per step from the records of a metrics.jsonl log (`training.metrics.read_metrics`), with
+    eval loss where there is one, and eval perplexity on a right-hand axis where the log has it."""
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    perplexity = [(r["step"], r["eval_perplexity"]) for r in records if r.get("eval_perplexity") is not None]
     fig, ax = subplots(figsize=(7, 4), layout="constrained")
+    lines = []
     if train:
-        ax.plot(*zip(*train, strict=True), linewidth=1, label="training loss")
+        lines += ax.plot(*zip(*train, strict=True), linewidth=1, label="training loss")
     if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+        lines += ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set(title="Fine-tuning", xlabel="optimizer step", ylabel="loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if perplexity:
+        right = ax.twinx()
+        lines += right.plot(*zip(*perplexity, strict=True), "s--", color="tab:green", label="eval perplexity")
+        right.set(ylabel="perplexity", yscale="log")
+    ax.legend(handles=lines, labels=[line.get_label() for line in lines])
     save_figure(fig, path)
 
 

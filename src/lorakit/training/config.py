@@ -13,6 +13,7 @@ from typing import Any, get_args
 
 from lorakit.engine.config import targets_from_text
 from lorakit.options import flag_of, option
+from lorakit.training.chat import FORMATS, LOSS_ON
 from lorakit.training.data import Task
 
 __all__ = ["HEADINGS", "TASKS", "TrainConfig", "TrainResult"]
@@ -43,6 +44,26 @@ class TrainConfig:
     )
     text_field: str = option("text", "the text field of JSONL/CSV rows", metavar="NAME", group=DATA)
     label_field: str = option("label", "the label field (seq-cls)", metavar="NAME", group=DATA)
+    format: str = option(
+        "auto",
+        "the rows' format (causal-lm): text, prompt-completion, messages, alpaca or sharegpt; auto detects it from "
+        "the first row's fields",
+        choices=FORMATS,
+        group=DATA,
+    )
+    chat_template: str | None = option(
+        None,
+        "a Jinja chat template file, for messages data on a tokenizer that has none (or to replace its own)",
+        metavar="FILE",
+        group=DATA,
+        default_text="the tokenizer's",
+    )
+    loss_on: str = option(
+        "completion",
+        "completion: train on the completion / every assistant turn only; all: on every token",
+        choices=LOSS_ON,
+        group=DATA,
+    )
     targets: str | list[str] = option(
         "all-linear",
         "'all-linear', a comma-separated list of module names, or a regex",
@@ -76,12 +97,21 @@ class TrainConfig:
     max_length: int = option(
         256, "cut examples to N tokens, or to the model's own limit where that is smaller", metavar="N", group=DATA
     )
+    packing: bool = option(
+        False,
+        "causal-lm: pack several examples into each row of --max-length tokens (attention and positions stay "
+        "within each example)",
+        group=DATA,
+    )
     eval_data: str | None = option(
         None,
-        "evaluation data in the same format (eval loss, accuracy)",
+        "evaluation data in the same format (eval loss and perplexity, or accuracy)",
         metavar="FILE",
         group=DATA,
         default_text="none",
+    )
+    eval_every: int = option(
+        0, "evaluate on --eval-data every N steps (0: before and after training only)", metavar="N", group=DATA
     )
     save_every: int = option(
         0,
@@ -104,6 +134,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        for name, allowed in (("format", FORMATS), ("loss_on", LOSS_ON)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{flag_of(self, name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.task == "seq-cls" and (self.packing or self.format not in ("auto", "text") or self.chat_template):
+            raise ValueError("--packing, --format and --chat-template are for --task causal-lm")
 
         def whole(v: Any) -> bool:
             return isinstance(v, int)
@@ -121,6 +158,7 @@ class TrainConfig:
             ("grad_accum", lambda v: whole(v) and v > 0, "a positive integer"),
             ("max_length", lambda v: whole(v) and v >= 2, "an integer of at least 2"),
             ("save_every", lambda v: whole(v) and v >= 0, "an integer >= 0"),
+            ("eval_every", lambda v: whole(v) and v >= 0, "an integer >= 0"),
             ("keep_checkpoints", lambda v: whole(v) and v > 0, "a positive integer"),
             ("seed", lambda v: whole(v) and v >= 0, "an integer >= 0"),
         ]

@@ -1,8 +1,9 @@
 """Training data from local files: reading records, tokenizing them, and batching them.
 
 Files: JSONL (one JSON object a line), CSV (with a header row) or plain text (one example a line, the text
-field only). Tasks: "causal-lm" learns to continue each text (labels = the input tokens), "seq-cls" learns
-a label per text. Every problem with a file is reported with the file and, where there is one, the line.
+field only). Tasks: "causal-lm" learns to continue each text, or the answers of instruction and chat data
+(lorakit.training.chat: which tokens carry the loss), "seq-cls" learns a label per text. Every problem with a
+file is reported with the file and, where there is one, the line.
 
 Batching is deterministic and independent of the number of processes: every epoch is one permutation of
 the dataset drawn from (seed, epoch), cut into global micro-batches, and each process takes its own
@@ -14,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,14 +23,18 @@ import torch
 
 __all__ = [
     "IGNORE_INDEX",
+    "DataStats",
     "Example",
     "TextDataset",
+    "classification_dataset",
     "collate",
     "epoch_order",
     "label_values",
+    "read_csv",
     "read_jsonl",
     "read_lines",
     "read_records",
+    "read_rows",
 ]
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (padding)
@@ -38,18 +43,9 @@ Task = Literal["causal-lm", "seq-cls"]
 
 def read_records(path: str | os.PathLike, text_field: str = "text", label_field: str | None = None) -> list[dict]:
     """[{"text": ..., "label": ...}] from a .jsonl / .json, .csv or any other (plain text) file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no data file at {path}")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        rows = read_jsonl(path)
-    elif suffix == ".csv":
-        rows = _read_csv(path)
-    else:
-        if label_field is not None:
-            raise ValueError(f"{path}: a plain text file has no label field; use JSONL or CSV for labelled data")
-        rows = [(n, {text_field: line}) for n, line in enumerate(read_lines(path), start=1) if line.strip()]
+    refusal = "a plain text file has no label field; use JSONL or CSV for labelled data"
+    refusal = refusal if label_field is not None else None
+    path, rows = Path(path), read_rows(path, text_field, refusal)
     if not rows:
         raise ValueError(f"{path}: the dataset is empty")
     records = []
@@ -61,6 +57,24 @@ def read_records(path: str | os.PathLike, text_field: str = "text", label_field:
             record["label"] = _field(row, label_field, path, line, (str, int, bool))
         records.append(record)
     return records
+
+
+def read_rows(
+    path: str | os.PathLike, text_field: str, plain_text_refusal: str | None = None
+) -> list[tuple[int, dict]]:
+    """(line number, row) for each row of a .jsonl/.json, .csv or plain text file (a line: {text_field: line}).
+    `plain_text_refusal`, where given, is the error a plain text file gets (it holds texts alone)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data file at {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return read_jsonl(path)
+    if suffix == ".csv":
+        return read_csv(path)
+    if plain_text_refusal is not None:
+        raise ValueError(f"{path}: {plain_text_refusal}")
+    return [(n, {text_field: line}) for n, line in enumerate(read_lines(path), start=1) if line.strip()]
 
 
 # "utf-8-sig": a byte-order mark (Excel's CSV export, Windows editors) is not part of the first field
@@ -95,7 +109,8 @@ def read_jsonl(path: Path, drop_torn_last: bool = False) -> list[tuple[int, dict
     return rows
 
 
-def _read_csv(path: Path) -> list[tuple[int, dict]]:
+def read_csv(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for each row of a CSV file with a header; an unreadable file is one ValueError."""
     try:
         with path.open(newline="", encoding=ENCODING) as f:
             reader = csv.DictReader(f)
@@ -121,51 +136,82 @@ def label_values(records: list[dict]) -> list:
 
 @dataclass
 class Example:
+    """One tokenized example (or, packed, one row of several: lorakit.training.packing)."""
+
     input_ids: list[int]
-    label: int | None = None  # seq-cls only
+    label: int | None = None  # seq-cls: the class id
+    labels: list[int] | None = None  # causal-lm: the token at each position, IGNORE_INDEX where it carries no loss
+    position_ids: list[int] | None = None  # packed rows: positions restart at 0 for each example
+
+    def targets(self) -> int:
+        """How many tokens the causal-lm loss predicts here: every position but the first that carries a label."""
+        if self.labels is None:
+            return max(len(self.input_ids) - 1, 0)
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
+@dataclass
+class DataStats:
+    """What tokenizing a file did: the examples it made, how many were cut at max_length, and how many were
+    dropped for having no trained token left (with the first few of their line numbers)."""
+
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    dropped_lines: list[int] = field(default_factory=list)
+
+    def as_record(self, prefix: str = "") -> dict[str, int]:
+        """The counts as fields of a metrics.jsonl record."""
+        return {
+            f"{prefix}examples": self.examples,
+            f"{prefix}truncated": self.truncated,
+            f"{prefix}dropped": self.dropped,
+        }
+
+
+@dataclass
 class TextDataset:
-    """Tokenized examples of one task, each truncated to `max_length` tokens (at least 2: TrainConfig checks it).
-    For seq-cls, `labels` maps each label value to its class id."""
+    """Tokenized examples of one task; for seq-cls, `labels` lists the label values (class i is labels[i])."""
 
-    def __init__(self, records: list[dict], tokenizer: Any, task: Task, max_length: int, labels: list | None = None):
-        self.task = task
-        if task == "seq-cls":
-            self.labels = labels if labels is not None else label_values(records)
-            index = {value: i for i, value in enumerate(self.labels)}
-            unknown = [r["label"] for r in records if r["label"] not in index]
-            if unknown:
-                raise ValueError(f"label {unknown[0]!r} is not one of the training labels {self.labels}")
-        else:
-            self.labels = None
-        encoded = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)["input_ids"]
-        for ids, r in zip(encoded, records, strict=True):
-            if not ids:
-                raise ValueError(f"the text {r['text']!r} has no tokens for this tokenizer")
-        self.examples = [
-            Example(ids, index[r["label"]] if task == "seq-cls" else None)
-            for ids, r in zip(encoded, records, strict=True)
-        ]
-        if task == "causal-lm" and not any(len(e.input_ids) >= 2 for e in self.examples):
-            raise ValueError("every example is shorter than two tokens: nothing to learn to predict")
+    examples: list[Example]
+    labels: list | None = None
+    stats: DataStats = field(default_factory=DataStats)
 
     def __len__(self) -> int:
         return len(self.examples)
 
 
+def classification_dataset(
+    records: list[dict], tokenizer: Any, max_length: int, labels: list | None = None
+) -> TextDataset:
+    """seq-cls examples: each text's tokens (cut to `max_length`) and its class id; `labels` fixes the classes
+    (an eval set's must be the training set's), else they are the records' own, sorted."""
+    labels = labels if labels is not None else label_values(records)
+    index = {value: i for i, value in enumerate(labels)}
+    unknown = [r["label"] for r in records if r["label"] not in index]
+    if unknown:
+        raise ValueError(f"label {unknown[0]!r} is not one of the training labels {labels}")
+    encoded = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)["input_ids"]
+    for ids, r in zip(encoded, records, strict=True):
+        if not ids:
+            raise ValueError(f"the text {r['text']!r} has no tokens for this tokenizer")
+    examples = [Example(ids, index[r["label"]]) for ids, r in zip(encoded, records, strict=True)]
+    return TextDataset(examples, labels, DataStats(examples=len(examples)))
+
+
 def collate(examples: list[Example], pad_id: int, task: Task) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids and attention_mask (batch, L), and labels ((batch, L) or (batch,))."""
+    """Right-padded tensors: input_ids and attention_mask (batch, L), and labels ((batch, L) with IGNORE_INDEX
+    where no loss is taken, or (batch,) for seq-cls)."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     for i, e in enumerate(examples):
         input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         attention_mask[i, : len(e.input_ids)] = 1
+        labels[i, : len(e.input_ids)] = torch.tensor(e.input_ids if e.labels is None else e.labels)
     if task == "seq-cls":
         labels = torch.tensor([e.label for e in examples])
-    else:
-        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

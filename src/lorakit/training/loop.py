@@ -39,12 +39,22 @@ from lorakit.engine.model import adapter_parameters, inject, parameter_counts
 from lorakit.engine.peft_format import is_b_factor_key
 from lorakit.io.atomic import write_text_atomic
 from lorakit.io.console import make_console, make_progress
+from lorakit.training.chat import language_dataset, load_chat_template, read_conversations
 from lorakit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lorakit.training.config import TrainConfig, TrainResult
-from lorakit.training.data import IGNORE_INDEX, Example, TextDataset, collate, epoch_order, label_values, read_records
+from lorakit.training.data import (
+    IGNORE_INDEX,
+    Example,
+    classification_dataset,
+    collate,
+    epoch_order,
+    label_values,
+    read_records,
+)
 from lorakit.training.distributed import fully_shard_api, start_processes
 from lorakit.training.metrics import METRICS_NAME, append_metrics, keep_metrics_until, read_metrics
-from lorakit.training.models import load_model_and_tokenizer, local_model_dir, max_positions
+from lorakit.training.models import CHAT_TEMPLATE_NAME, load_model_and_tokenizer, local_model_dir, max_positions
+from lorakit.training.packing import check_packing, collate_packed, pack_examples
 
 __all__ = ["Trainer", "linear_schedule", "loss_count", "loss_sum", "train"]
 
@@ -53,7 +63,8 @@ __all__ = ["Trainer", "linear_schedule", "loss_count", "loss_sum", "train"]
 
 
 def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """The model's logits for a batch: every tensor but the labels is a model input (packed rows add positions)."""
+    return model(**{key: value for key, value in batch.items() if key != "labels"}).logits
 
 
 def loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
@@ -71,8 +82,8 @@ def loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str) ->
 
 
 def loss_count(examples: list[Example], task: str) -> int:
-    """How many terms `loss_sum` adds up for these examples: one each (seq-cls), or each token but the first."""
-    return len(examples) if task == "seq-cls" else sum(max(len(e.input_ids) - 1, 0) for e in examples)
+    """How many terms `loss_sum` adds up for these examples: one each (seq-cls), or each predicted token."""
+    return len(examples) if task == "seq-cls" else sum(e.targets() for e in examples)
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -102,21 +113,43 @@ class Trainer:
                 f"{' with more --steps' if finished else ''}, or remove {self.out / 'checkpoints'} (or choose another "
                 "--out) to start over"
             )
-        label_field = config.label_field if config.task == "seq-cls" else None
-        records = read_records(config.data, config.text_field, label_field)
-        eval_records = read_records(config.eval_data, config.text_field, label_field) if config.eval_data else None
-        labels = label_values(records) if config.task == "seq-cls" else None
-        if labels is not None and len(labels) < 2:
-            raise ValueError(f"{config.data}: seq-cls needs at least two different labels, and all are {labels[0]!r}")
+        # the data files (and a chat template) are read and checked before the model loads
+        if config.task == "seq-cls":
+            records = read_records(config.data, config.text_field, config.label_field)
+            eval_records = (
+                read_records(config.eval_data, config.text_field, config.label_field) if config.eval_data else []
+            )
+            labels = label_values(records)
+            if len(labels) < 2:
+                raise ValueError(
+                    f"{config.data}: seq-cls needs at least two different labels, and all are {labels[0]!r}"
+                )
+        else:
+            conversations = read_conversations(config.data, config.format, config.text_field)
+            eval_conversations = (
+                read_conversations(config.eval_data, config.format, config.text_field) if config.eval_data else []
+            )
+            template = load_chat_template(config.chat_template) if config.chat_template else None
+            labels = None
         torch.manual_seed(config.seed)
         self.model, self.tokenizer = load_model_and_tokenizer(
             config.model, config.task, len(labels) if labels else None
         )
         limit = max_positions(self.model, self.tokenizer)
         max_length = config.max_length if limit is None else min(config.max_length, limit)
-        dataset = partial(TextDataset, tokenizer=self.tokenizer, task=config.task, max_length=max_length, labels=labels)
-        self.train_set = dataset(records)
-        self.eval_set = dataset(eval_records) if eval_records else None
+        if config.task == "seq-cls":
+            self.train_set = classification_dataset(records, self.tokenizer, max_length)
+            self.eval_set = (
+                classification_dataset(eval_records, self.tokenizer, max_length, labels) if eval_records else None
+            )
+        else:
+            if template is not None:
+                self.tokenizer.chat_template = template
+            dataset = partial(language_dataset, tokenizer=self.tokenizer, max_length=max_length, loss_on=config.loss_on)
+            self.train_set = dataset(conversations, where=config.data)
+            self.eval_set = dataset(eval_conversations, where=config.eval_data) if eval_conversations else None
+            if config.packing:  # rows of several examples each; deterministic, so a resumed run packs the same
+                self.train_set.examples = pack_examples(self.train_set.examples, max_length)
         self.global_micro = config.batch_size * self.procs.world
         micro_per_epoch = len(self.train_set) // self.global_micro
         self.steps_per_epoch = micro_per_epoch // config.grad_accum
@@ -134,6 +167,8 @@ class Trainer:
             task_type="SEQ_CLS" if config.task == "seq-cls" else "CAUSAL_LM",
         )
         inject(self.model, lora)
+        if config.packing:  # attention that a 4-D mask cannot confine is refused before any step
+            check_packing(self.model, max_length)
         self.model.to(self.procs.device)
         self.optimizer = self._optimizer()
         warmup = int(config.warmup_ratio * self.total_steps)
@@ -204,6 +239,10 @@ class Trainer:
             "text_field": c.text_field,
             "label_field": c.label_field,
             "task": c.task,
+            "format": c.format,
+            "loss_on": c.loss_on,
+            "chat_template": c.chat_template and str(Path(c.chat_template).expanduser().resolve()),
+            "packing": c.packing,
             "alpha": c.alpha,
             "dropout": c.dropout,
             "lr": c.lr,
@@ -239,8 +278,9 @@ class Trainer:
         if self.procs.main:
             self.console.print(message)
 
-    def micro_batches(self, step: int) -> list[tuple[dict, int]]:
-        """This process's slice of each global micro-batch of optimizer step `step`, with the global count."""
+    def micro_batches(self, step: int) -> list[tuple[dict, int, int]]:
+        """This process's slice of each global micro-batch of optimizer step `step`, with the global count of loss
+        terms and this slice's count of tokens."""
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
         order = epoch_order(len(self.train_set), self.config.seed, epoch)
         examples, size = self.train_set.examples, self.config.batch_size
@@ -249,19 +289,27 @@ class Trainer:
             start = (in_epoch * self.config.grad_accum + k) * self.global_micro
             whole = [examples[i] for i in order[start : start + self.global_micro].tolist()]
             mine = whole[self.procs.rank * size : (self.procs.rank + 1) * size]
-            batch = collate(mine, self.tokenizer.pad_token_id, self.config.task)
+            batch = self.collate(mine)
             on_device = {key: value.to(self.procs.device) for key, value in batch.items()}
-            batches.append((on_device, loss_count(whole, self.config.task)))
+            tokens = sum(len(e.input_ids) for e in mine)
+            batches.append((on_device, loss_count(whole, self.config.task), tokens))
         return batches
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """A batch of examples as tensors: padded, or packed rows with their positions and attention."""
+        if self.config.packing:
+            dtype = self.model.get_input_embeddings().weight.dtype  # the mask's: sdpa wants the queries' own
+            return collate_packed(examples, self.tokenizer.pad_token_id, dtype)
+        return collate(examples, self.tokenizer.pad_token_id, self.config.task)
 
     def train_step(self, step: int) -> tuple[float, int]:
         """One optimizer step; returns its loss (global mean) and the tokens it processed."""
         self.trained.train()
         batches = self.micro_batches(step)
-        total = sum(count for _, count in batches)
+        total = sum(count for _, count, _ in batches)
         ddp = isinstance(self.trained, nn.parallel.DistributedDataParallel)
         summed, tokens = 0.0, 0
-        for k, (batch, _) in enumerate(batches):
+        for k, (batch, _, batch_tokens) in enumerate(batches):
             last = k == len(batches) - 1
             sync = self.trained.no_sync() if ddp and not last else nullcontext()
             with sync:
@@ -269,7 +317,7 @@ class Trainer:
                 # DDP averages gradients over processes, so scale by world to get sum / global count
                 (loss * (self.procs.world if ddp else 1) / max(total, 1)).backward()
             summed += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch_tokens
         if self.config.fsdp and self.procs.world > 1:
             for p in self.model.parameters():
                 if p.requires_grad and p.grad is not None:
@@ -282,7 +330,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss (and accuracy for seq-cls) on the eval data, each process on its share."""
+        """Loss on the tokens the training loss sees, and perplexity (causal-lm) or accuracy (seq-cls), on the eval
+        data, each process on its share."""
         if self.eval_set is None:
             return {}
         self.trained.eval()
@@ -309,7 +358,21 @@ class Trainer:
         result = {"eval_loss": summed / max(count, 1)}
         if self.config.task == "seq-cls":
             result["eval_accuracy"] = correct / n
+        else:  # exp of the mean loss per predicted token; math.exp overflows past e^709
+            result["eval_perplexity"] = math.exp(result["eval_loss"]) if result["eval_loss"] < 709 else math.inf
         return result
+
+    def report_data(self) -> None:
+        """What tokenizing the data did, in the log and on the console: cut and dropped examples are never silent."""
+        sets = [("train_", self.train_set)] + ([("eval_", self.eval_set)] if self.eval_set is not None else [])
+        self.log({"step": 0, **{k: v for prefix, data in sets for k, v in data.stats.as_record(prefix).items()}})
+        for name, data in sets:
+            stats = data.stats
+            if stats.truncated or stats.dropped:
+                lines = ", ".join(map(str, stats.dropped_lines[:5])) + (" …" if stats.dropped > 5 else "")
+                dropped = f"; {stats.dropped} dropped, no trained token left (lines {lines})" if stats.dropped else ""
+                cut = f"{stats.truncated} example(s) cut to --max-length {self.config.max_length}"
+                self.say(f"{name.rstrip('_')} data: {cut}{dropped}")
 
     def log(self, record: dict[str, Any]) -> None:
         if self.procs.main:
@@ -348,9 +411,11 @@ class Trainer:
         loss, finite_so_far = None, True
         if self.procs.main:
             keep_metrics_until(self.out / METRICS_NAME, self.start_step)
-        if self.start_step == 0 and self.eval_set is not None:
-            self.log({"step": 0, **self.evaluate()})
-        evaluation = None  # the eval of the last step, where it ran with a checkpoint
+        if self.start_step == 0:
+            self.report_data()
+            if self.eval_set is not None:
+                self.log({"step": 0, **self.evaluate()})
+        evaluation, evaluated_at = None, None  # the latest eval in the loop, and its step
         with make_progress(self.console, disable=not (config.progress and self.procs.main)) as bar:
             task = bar.add_task("training", total=self.total_steps, completed=self.start_step)
             for step in range(self.start_step, self.total_steps):
@@ -366,12 +431,14 @@ class Trainer:
                 self.log({**record, "tokens_per_second": round(speed, 1)})
                 bar.update(task, advance=1, description=f"loss {loss:.4f} · {speed:,.0f} tok/s")
                 # the last step too, so that a finished run can go on with more --steps from where it ended
-                if config.save_every and (done % config.save_every == 0 or done == self.total_steps):
-                    evaluation = self.evaluate()
+                checkpoint_now = config.save_every and (done % config.save_every == 0 or done == self.total_steps)
+                if checkpoint_now or (config.eval_every and done % config.eval_every == 0):
+                    evaluation, evaluated_at = self.evaluate(), done
                     if evaluation:
                         self.log({"step": done, **evaluation})
+                if checkpoint_now:
                     self.checkpoint(done)
-        if evaluation is None:
+        if evaluated_at != self.total_steps:
             evaluation = self.evaluate()
             if evaluation and self.start_step < self.total_steps:  # resumed at the end: its eval is in the log
                 self.log({"step": self.total_steps, **evaluation})
@@ -382,6 +449,8 @@ class Trainer:
             write_text_atomic(self.out / "train_config.json", json.dumps(asdict(config), indent=2) + "\n")
             if self.train_set.labels is not None:
                 write_text_atomic(self.out / "labels.json", json.dumps(self.train_set.labels) + "\n")
+            if config.chat_template:  # generate and merge render prompts with it, as the training data was
+                write_text_atomic(self.out / CHAT_TEMPLATE_NAME, self.tokenizer.chat_template)
             from lorakit.io.plots import training_plot  # matplotlib only where a plot is drawn
 
             training_plot(read_metrics(self.out / METRICS_NAME), self.out / "loss.png")

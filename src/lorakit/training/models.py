@@ -8,7 +8,15 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["load_model_and_tokenizer", "local_model_dir", "max_positions"]
+__all__ = [
+    "CHAT_TEMPLATE_NAME",
+    "load_model_and_tokenizer",
+    "local_model_dir",
+    "max_positions",
+    "take_run_chat_template",
+]
+
+CHAT_TEMPLATE_NAME = "chat_template.jinja"  # beside the adapter of a run trained with --chat-template
 
 HUB_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")  # "gpt2", "owner/name"
 
@@ -72,3 +80,11 @@ def max_positions(model: nn.Module, tokenizer: Any) -> int | None:
     found = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
     limits = [n for n in found if isinstance(n, int) and 0 < n < 10**9]
     return min(limits) if limits else None
+
+
+def take_run_chat_template(tokenizer: Any, adapter_dir: str | Path) -> None:
+    """Gives the tokenizer the chat template a run was trained with (`--chat-template`, saved beside its adapter),
+    so that prompts are rendered as the training data was; a run without one leaves the tokenizer's own."""
+    path = Path(adapter_dir) / CHAT_TEMPLATE_NAME
+    if path.is_file():
+        tokenizer.chat_template = path.read_text(encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Using a fine-tuned adapter: generating text with it, and exporting the merged model."""
