@@ -1,6 +1,10 @@
 """`python -m bench`: run the suite, write bench/results.json and BENCHMARKS.md.
 
 python -m bench [--quick] [--settings llama-reference gpt2-conv1d] [--processes 4] [--repeats 10] [--threads 2]
+python -m bench --settings llama-reference --cases "dora training step"    # measure some cases again
+
+With --cases, only the named timed cases run, and their results replace those cases' in the existing results
+file, each recording the command that measured it; everything else in the file stays as it was.
 
 Every timed case runs in `--processes` fresh processes (`python -m bench.cases`), taken in turns: process 1
 of every case, then process 2 of every case, and so on, so that a slow spell of the machine is spread over
@@ -41,6 +45,8 @@ TARGETS = {
     ("mixed adapters {mixed0}", "lorakit mixed / single"): 1.10,
     ("mixed adapters {mixed1}", "lorakit mixed / single"): 1.10,
     ("peak training memory", "lorakit / peft"): 1.00,
+    ("dora training step", "lorakit dora / peft dora"): 0.90,
+    ("dora training step", "lorakit dora / lorakit lora"): 1.10,
 }
 
 
@@ -78,8 +84,9 @@ def memory_case(setting: Setting, threads: int) -> dict:
     }
 
 
-def run_setting(setting: Setting, repeats: int, processes: int, threads: int) -> dict:
-    cases = setting_cases(setting)
+def run_setting(setting: Setting, repeats: int, processes: int, threads: int, only: list[str] | None = None) -> dict:
+    """Every case of the setting, or (`only`) the timed cases named, without peak memory."""
+    cases = [case for case in setting_cases(setting) if only is None or case.name in only]
     samples: dict[str, Samples] = {case.name: {} for case in cases}
     for process in range(processes):
         for case in cases:
@@ -88,8 +95,9 @@ def run_setting(setting: Setting, repeats: int, processes: int, threads: int) ->
             for candidate, seconds in timings.items():
                 samples[case.name].setdefault(candidate, []).append(seconds)
     results = {case.name: summary(samples[case.name], case.ratios) for case in cases}
-    print(f"[{setting.name}] peak memory", flush=True)
-    results["peak training memory"] = memory_case(setting, threads)
+    if only is None:
+        print(f"[{setting.name}] peak memory", flush=True)
+        results["peak training memory"] = memory_case(setting, threads)
     if setting is not REFERENCE:  # the targets are set on the reference setting only
         return {"description": setting.description, "cases": results}
     big, small = shape_name(setting.batch), shape_name(setting.small_batch)
@@ -148,6 +156,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", help="results JSON (default bench/results.json)")
     parser.add_argument("--markdown", help="summary to write (default BENCHMARKS.md)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        metavar="CASE",
+        help="run only these timed cases of the settings and put their results into the existing results file",
+    )
     args = parser.parse_args()
     if args.quick:
         given = [flag for flag in ("settings", "processes", "repeats") if getattr(args, flag) is not None]
@@ -162,6 +176,12 @@ def main() -> None:
         default_dir = None
     if repeats < 1 or processes < 1 or args.threads < 1:
         parser.error("--processes, --repeats and --threads must be positive")
+    if args.cases:
+        known = {case.name for setting in settings for case in setting_cases(setting)}
+        unknown = [name for name in args.cases if name not in known]
+        if unknown:
+            where = ", ".join(s.name for s in settings)
+            parser.error(f"no case {unknown[0]!r} in {where}; the cases: {', '.join(sorted(known))}")
     out = Path(args.out) if args.out else (default_dir or ROOT / "bench") / "results.json"
     markdown = Path(args.markdown) if args.markdown else (default_dir or ROOT) / "BENCHMARKS.md"
     if default_dir is not None:
@@ -175,12 +195,25 @@ def main() -> None:
             parser.error(f"{flag} {path}: {path.parent} is not writable")
     device, dtype = device_and_dtype()
     started = time.time()
+    command = shlex.join(["python", "-m", "bench", *sys.argv[1:]])
+    if args.cases and not out.is_file():
+        parser.error(f"--cases puts its results into {out}, which does not exist: run the whole suite first")
     try:
-        measured = {s.name: run_setting(s, repeats, processes, args.threads) for s in settings}
+        measured = {s.name: run_setting(s, repeats, processes, args.threads, args.cases) for s in settings}
     except WorkerFailed as error:
         parser.exit(1, f"python -m bench: {error}\n")
+    if args.cases:
+        results = json.loads(out.read_text())
+        for name, setting in measured.items():
+            for case, data in setting["cases"].items():
+                data.update(command=command, processes=processes, repeats=repeats, threads=args.threads)
+                results["settings"][name]["cases"][case] = data
+        write_text_atomic(out, json.dumps(results, indent=2) + "\n")
+        write_markdown(results, markdown)
+        print(f"wrote {out} and {markdown}")
+        return
     results = {
-        "command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
+        "command": command,
         "machine": machine(args.threads, device),  # after the workers: on CUDA it opens a context here
         "dtype": str(dtype).removeprefix("torch."),
         "processes": processes,

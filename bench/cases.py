@@ -50,6 +50,19 @@ def shape_name(shape: tuple[int, int]) -> str:
     return f"{shape[0]}×{shape[1]}"
 
 
+def trainer(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One AdamW step of `model` on the tokens x, as a call."""
+    model.train()
+    optimizer = adamw(model)
+
+    def step():
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def training_step(setting: Setting, base: nn.Module, device: torch.device, repeats: int, process: int) -> Timings:
     """One AdamW step on batch × length tokens: lorakit, PEFT, and the floor (no weight gradients at all)."""
     x = tokens(setting, setting.batch, device)
@@ -61,18 +74,6 @@ def training_step(setting: Setting, base: nn.Module, device: torch.device, repea
         },
         process,
     )
-
-    def trainer(model):
-        model.train()
-        optimizer = adamw(model)
-
-        def step():
-            model(input_ids=x, labels=x).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step
-
     floor = models["floor"].train()
     embed = floor.get_input_embeddings()
 
@@ -81,11 +82,25 @@ def training_step(setting: Setting, base: nn.Module, device: torch.device, repea
         floor(inputs_embeds=inputs, labels=x).loss.backward()
 
     candidates = {
-        "lorakit": trainer(models["lorakit"]),
-        "peft": trainer(models["peft"]),
+        "lorakit": trainer(models["lorakit"], x),
+        "peft": trainer(models["peft"], x),
         "floor": floor_step,
     }
     return interleaved(candidates, repeats)
+
+
+def dora_training_step(setting: Setting, base: nn.Module, device: torch.device, repeats: int, process: int) -> Timings:
+    """One AdamW step on batch × length tokens with a DoRA adapter, lorakit's and PEFT's, beside the same step
+    with each library's plain LoRA adapter."""
+    x = tokens(setting, setting.batch, device)
+    builders = {
+        "lorakit dora": lambda: lorakit_model(setting, base, use_dora=True),
+        "peft dora": lambda: peft_model(setting, base, use_dora=True),
+        "lorakit lora": lambda: lorakit_model(setting, base),
+        "peft lora": lambda: peft_model(setting, base),
+    }
+    models = built_in_turn(builders, process)
+    return interleaved({name: trainer(model, x) for name, model in models.items()}, repeats)
 
 
 def inference(
@@ -239,6 +254,13 @@ def setting_cases(setting: Setting) -> list[Case]:
         cases.append(Case(f"mixed adapters {shape_name(shape)}", partial(mixed_batch, shape=shape), mixed_ratios))
     if setting.packing:
         cases.append(Case(f"packing {shape_name(big)}", packing, {"packed / padded": ("packed", "padded")}))
+    if setting.dora:
+        dora_ratios = {
+            "lorakit dora / peft dora": ("lorakit dora", "peft dora"),
+            "lorakit dora / lorakit lora": ("lorakit dora", "lorakit lora"),
+            "peft dora / peft lora": ("peft dora", "peft lora"),
+        }
+        cases.append(Case("dora training step", dora_training_step, dora_ratios))
     return cases
 
 

@@ -26,6 +26,7 @@ class Setting:
     mixed_batches: tuple[tuple[int, int], ...] = ((8, 128), (32, 16))
     adapters: int = 8
     packing: bool = False  # times the packing case (bench.cases.packing): packed rows against padded examples
+    dora: bool = False  # times the DoRA training step (bench.cases.dora_training_step)
 
     def build(self, dtype: torch.dtype, device: torch.device) -> nn.Module:
         from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -51,6 +52,7 @@ REFERENCE = Setting(
     dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, vocab_size=8000),
     LLAMA_TARGETS,
     packing=True,
+    dora=True,
 )
 GPT2 = Setting(
     "gpt2-conv1d",
@@ -75,21 +77,24 @@ QUICK = Setting(
 SETTINGS = {s.name: s for s in (REFERENCE, GPT2, QUICK)}
 
 
-def lorakit_model(setting: Setting, base: nn.Module, adapters: int = 1, copy_base: bool = True) -> nn.Module:
+def lorakit_model(
+    setting: Setting, base: nn.Module, adapters: int = 1, copy_base: bool = True, use_dora: bool = False
+) -> nn.Module:
     import lorakit as lk
 
     model = copy.deepcopy(base) if copy_base else base
+    config = lk.LoraConfig(
+        r=setting.r, alpha=setting.alpha, target_modules=setting.targets, init=False, use_dora=use_dora
+    )
     for i in range(adapters):
-        lk.inject(
-            model,
-            lk.LoraConfig(r=setting.r, alpha=setting.alpha, target_modules=setting.targets, init=False),
-            adapter=f"a{i}" if i else "default",
-        )
+        lk.inject(model, config, adapter=f"a{i}" if i else "default")
     lk.set_adapter(model, "default")
     return model
 
 
-def peft_model(setting: Setting, base: nn.Module, adapters: int = 1, copy_base: bool = True) -> nn.Module:
+def peft_model(
+    setting: Setting, base: nn.Module, adapters: int = 1, copy_base: bool = True, use_dora: bool = False
+) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -98,6 +103,7 @@ def peft_model(setting: Setting, base: nn.Module, adapters: int = 1, copy_base: 
         target_modules=setting.targets,
         init_lora_weights=False,
         fan_in_fan_out=setting.kind == "gpt2",
+        use_dora=use_dora,
     )
     model = get_peft_model(copy.deepcopy(base) if copy_base else base, config)
     for i in range(1, adapters):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lorakit.io.atomic import write_text_atomic
@@ -49,7 +50,51 @@ def write_markdown(results: dict, path: Path) -> None:
                 each = " ".join(f"{r:.3f}" for r in data.get("per_process", {}).get(ratio, []))
                 lines.append(f"| {case} | {ratio} | {value:.3f} | {spread} | {bound} | {met} | {medians} | {each} |")
         lines.append("")
+        for case, data in setting["cases"].items():
+            if "command" in data:  # measured again on its own (python -m bench --cases)
+                lines += [
+                    f"{case}: measured apart by `{data['command']}`, {data['processes']} processes of "
+                    f"{data['repeats']} rounds, {data['threads']} threads.",
+                    "",
+                ]
+    qlora = Path(__file__).with_name("qlora.json")  # `python -m bench.qlora`, run on its own
+    if qlora.exists():
+        lines += qlora_section(json.loads(qlora.read_text()))
     notes = Path(__file__).with_name("NOTES.md")  # what the figures mean, kept apart so that runs keep it
     if notes.exists():
         lines.append(notes.read_text())
     write_text_atomic(path, "\n".join(lines))
+
+
+def qlora_section(results: dict) -> list[str]:
+    """The QLoRA memory case (bench.qlora): each candidate's peak resident memory, per setting, and the ratios."""
+
+    def gib(value: float) -> str:
+        return f"{value / 2**30:.2f} GiB"
+
+    lines = [
+        "## QLoRA: peak memory of a training run, whole process",
+        "",
+        f"Produced by `{results['command']}`, {results['threads']} threads, torch {results['torch']}. Llama-shaped, "
+        "374 M parameters from a config (hidden 1024, intermediate 2816, 24 layers, vocab 32000, untied), LoRA "
+        "r = 16 on every linear layer but the output head, three AdamW steps of 1 × 256 tokens, float32 compute. "
+        "Each candidate in a fresh process; *peak* is its `ru_maxrss` (from its imports to its last step, loading "
+        "and quantizing included, glibc's allocator at its defaults), *loaded* and *after steps* its resident "
+        "memory at those points. bench/qlora.py says what each candidate runs.",
+        "",
+    ]
+    for name, setting in results["settings"].items():
+        lines += [f"### {name}", "", "| candidate | peak | loaded | after steps | loss, steps 1–3 | load | step |"]
+        lines.append("|---|---|---|---|---|---|---|")
+        for candidate, f in setting["candidates"].items():
+            losses = " ".join(f"{loss:.3f}" for loss in f["losses"])
+            step = sorted(f["step_seconds"])[len(f["step_seconds"]) // 2]
+            lines.append(
+                f"| {candidate} | {gib(f['peak'])} | {gib(f['loaded'])} | {gib(f['after_steps'])} | {losses} | "
+                f"{f['load_seconds']:.0f} s | {step:.1f} s |"
+            )
+        lines += ["", "| ratio of peaks | value | target | met |", "|---|---|---|---|"]
+        for ratio, r in setting["ratios"].items():
+            lines.append(f"| {ratio} | {r['value']:.3f} | {r['target']} | {'yes' if r['met'] else 'NO'} |")
+        lines.append("")
+    return lines

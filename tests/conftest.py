@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SENTENCES, TINY_LLAMA, WORDS, save_tiny_chat_llama, write_jsonl
+from helpers import QUANTIZABLE_LLAMA, SENTENCES, TINY_LLAMA, WORDS, save_tiny_chat_llama, write_jsonl
 from hypothesis import settings
 
 # The same generated examples on every run: a failure is reproducible, and CI cannot pass on a lucky draw.
@@ -23,16 +23,26 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 32) and a word-level tokenizer, saved with save_pretrained: no download."""
+    return save_word_llama(tmp_path_factory.mktemp("tiny-llama"), TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def quantizable_llama(tmp_path_factory) -> Path:
+    """The tiny Llama at hidden 64 (QUANTIZABLE_LLAMA: bitsandbytes' 4-bit blocks fit its rows) and its tokenizer."""
+    return save_word_llama(tmp_path_factory.mktemp("quantizable-llama"), QUANTIZABLE_LLAMA)
+
+
+def save_word_llama(path: Path, sizes: dict) -> Path:
+    """A Llama of `sizes` (random weights, seed 0) and a word-level tokenizer of WORDS, saved with save_pretrained."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    path = tmp_path_factory.mktemp("tiny-llama")
     vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
     torch.manual_seed(0)
-    config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(vocab), "max_position_embeddings": 64})
+    config = LlamaConfig(**{**sizes, "vocab_size": len(vocab), "max_position_embeddings": 64})
     LlamaForCausalLM(config).save_pretrained(path)
     fast.save_pretrained(path)
     return path

@@ -45,6 +45,10 @@ TINY_LLAMA = dict(
     vocab_size=100,
 )
 
+# The tiny Llama with widths that are multiples of 64, the weights per scale of bitsandbytes' 4-bit blocks: a block
+# then never spans two rows (bitsandbytes' CPU kernel dequantizes such a block wrongly; lorakit's own does not).
+QUANTIZABLE_LLAMA = {**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 128}
+
 
 def build_tiny_llama():
     """The tiny Llama with the same weights on every call, in eval mode."""

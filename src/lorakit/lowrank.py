@@ -467,7 +467,7 @@ def subspace_similarities(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
 
 
 def factored_svd(
-    B: torch.Tensor, A: torch.Tensor, scale: float = 1.0
+    B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, name: str = "scale · B A"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The thin SVD (U, S, Vh) of scale · B A from B (out × r) and A (r × in), never forming out × in.
 
@@ -477,19 +477,25 @@ def factored_svd(
         B: the left factor (out × r).
         A: the right factor (r × in).
         scale: s, multiplying the product (it may be negative).
+        name: what the product is, for the error message.
 
     Returns:
         (U, S, Vh) in float64, on the factors' device: U (out × k), S (k,) descending, Vh (k × in), with
         k = min(out, in, r) and U diag(S) Vh = scale · B A.
 
     Raises:
-        RuntimeError: B's columns and A's rows differ; on the CPU also factors with NaN or inf (raised by torch:
-            nothing is checked here).
+        ValueError: factors with NaN or inf, or a product past float64's range (a huge scale): the SVD would
+            fail to converge, or give infinite singular values.
+        RuntimeError: B's columns and A's rows differ.
     """
     B, A = B.double(), A.double()
     Q_B, R_B = torch.linalg.qr(B)  # (out × k), (k × r), k = min(out, r)
     Q_A, R_A = torch.linalg.qr(A.mT)  # (in × k'), (k' × r), k' = min(in, r)
-    U, S, Vh = torch.linalg.svd(scale * R_B @ R_A.mT, full_matrices=False)  # the thin SVD of the k × k' core
+    core = scale * R_B @ R_A.mT  # k × k', with the singular values of scale · B A
+    if not torch.isfinite(core).all():
+        scaled = f" (scale {scale:g})" if scale != 1 else ""
+        raise ValueError(f"{name} holds NaN or inf, or is beyond float64's range{scaled}")
+    U, S, Vh = torch.linalg.svd(core, full_matrices=False)  # the thin SVD of the k × k' core
     return Q_B @ U, S, Vh @ Q_A.mT
 
 

@@ -123,3 +123,42 @@ def test_each_process_builds_the_candidates_in_another_order():
         models = built_in_turn({name: builder(name) for name in "abc"}, process)
         assert models == {"a": "a", "b": "b", "c": "c"}  # returned in the candidates' own order
     assert "".join(built) == "abc" + "bca" + "cab" + "abc"
+
+
+def test_unknown_cases_and_cases_without_a_results_file_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("a bench process was started"))
+    for args, message in (
+        (["--cases", "nope"], "no case 'nope' in llama-reference, gpt2-conv1d; the cases: "),
+        (["--cases", "dora training step", "--out", f"{tmp_path}/r.json"], f"{tmp_path}/r.json, which does not exist"),
+    ):
+        monkeypatch.setattr(sys, "argv", ["bench", *args])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cases_measured_again_replace_theirs_and_keep_everything_else(tmp_path, monkeypatch):
+    """`python -m bench --cases ...` puts the named cases' results into the existing file, each with the command
+    that measured it, and BENCHMARKS.md says so under its table."""
+    import bench.__main__ as bench_main
+
+    def case(ratio):
+        return {"seconds": {"a": 1.0, "b": 1.0}, "ratios": {"a / b": ratio}, "intervals": {"a / b": [ratio, ratio]}}
+
+    machine = {"cpu": "x", "cores": 2, "threads": 2, "device": "cpu", "python": "3", "torch": "2", "peft": "0",
+               "transformers": "5"}  # fmt: skip
+    cases = {"training step": case(0.9), "dora training step": case(2.0)}
+    old = {"command": "python -m bench", "machine": machine, "dtype": "float32", "processes": 4, "repeats": 10,
+           "seconds": 1.0, "settings": {"llama-reference": {"description": "d", "cases": cases}}}  # fmt: skip
+    results, markdown = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    results.write_text(json.dumps(old))
+    fresh = {"description": "d", "cases": {"dora training step": case(0.8)}}
+    monkeypatch.setattr(bench_main, "run_setting", lambda setting, *args: fresh)
+    argv = ["--settings", "llama-reference", "--cases", "dora training step", "--out", str(results)]
+    monkeypatch.setattr(sys, "argv", ["bench", *argv, "--markdown", str(markdown), "--processes", "2"])
+    main()
+    cases = json.loads(results.read_text())["settings"]["llama-reference"]["cases"]
+    assert cases["training step"] == case(0.9)
+    assert cases["dora training step"]["ratios"] == {"a / b": 0.8}
+    assert cases["dora training step"]["command"].startswith("python -m bench --settings llama-reference --cases")
+    assert "dora training step: measured apart by `python -m bench --settings" in markdown.read_text()

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from lorakit.cli.arguments import add_config_flags, config_from_args
-from lorakit.demo.experiment import DemoSettings
+from lorakit.demo.settings import DemoSettings
 from lorakit.options import flag_of
 from lorakit.training.config import HEADINGS, TrainConfig
 
@@ -26,7 +26,8 @@ def test_finetune_flags_without_values_give_the_train_configs_own_defaults():
 
 
 @pytest.mark.parametrize("config_class", [TrainConfig, DemoSettings])
-def test_help_states_every_default_of_every_flag_with_a_value(config_class):
+def test_help_states_every_default_of_every_flag_with_a_value(config_class, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: argparse breaks lines after hyphens ("causal-| lm")
     text = " ".join(parser_for(config_class).format_help().split())
     for field in dataclasses.fields(config_class):
         option = field.metadata.get("option")

@@ -41,6 +41,25 @@ def test_finetune_writes_an_adapter_that_lorakit_and_peft_load_with_the_same_out
             assert not torch.allclose(ours(input_ids=tokens).logits, expected, atol=1e-4)
 
 
+def test_finetune_with_dora_learns_and_writes_an_adapter_peft_loads_with_the_same_outputs(
+    tiny_llama, word_data, tmp_path
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    argv = finetune_args(tiny_llama, word_data, out, "--steps", "12", "--batch-size", "8", "--lr", "3e-2")
+    assert main([*argv, "--targets", "q_proj,v_proj,down_proj,lm_head", "--use-dora"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    tokens = torch.randint(3, 20, (2, 7), generator=torch.Generator().manual_seed(0))
+    ours = lk.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama), out)
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=tokens).logits, theirs(input_ids=tokens).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_schedule_checkpoint_pruning_and_rank_flags_do_what_they_say(tiny_llama, word_data, tmp_path):
     out = tmp_path / "run"
     flags = ["--steps", "6", "--lr", "0.01", "--warmup-ratio", "0.5", "--save-every", "1", "--keep-checkpoints", "2"]
@@ -62,7 +81,7 @@ def test_schedule_checkpoint_pruning_and_rank_flags_do_what_they_say(tiny_llama,
         (lambda m, d, o: finetune_args(m, d, o, "--max-length", "1"), "--max-length must be an integer of at least 2"),
         (lambda m, d, o: finetune_args(m, d, o, "--lr", "inf"), "--lr must be a positive number, got inf"),
         (lambda m, d, o: finetune_args(m, d, o, "--text-field", "body"), "line 1 has no field 'body'"),
-        (lambda m, d, o: finetune_args(m, d, o, "--task", "seq-cls"), "line 1 has no field 'label'"),
+        (lambda m, d, o: finetune_args(m, d, o, "--task", "seq-cls"), "no row has the label field 'label'"),
         (lambda m, d, o: finetune_args(m, d, o, "--batch-size", "1000"), "make no full step"),
         (lambda m, d, o: finetune_args(m, d, o, "--targets", "nothing_here"), "matches no module"),
     ],
@@ -74,7 +93,7 @@ def test_bad_input_exits_2_with_one_line_and_leaves_the_adapter_alone(
     out.mkdir()
     (out / "adapter_model.safetensors").write_bytes(b"the previous adapter")
     (out / "adapter_config.json").write_text("{}")
-    code = main(make_argv(tiny_llama, word_data, out))
+    code = main([*make_argv(tiny_llama, word_data, out), "--overwrite"])  # nothing is removed before the checks
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and err.startswith("lorakit: error:")

@@ -9,7 +9,7 @@ import torch
 from helpers import cli_error, run_cli, write_jsonl
 
 import lorakit as lk
-import lorakit.cli.generate
+import lorakit.inference.generate
 from lorakit.inference.generate import generate
 from lorakit.training.models import load_model_and_tokenizer
 
@@ -75,7 +75,7 @@ def test_a_prompts_file_runs_its_rows_with_their_own_adapters_in_one_batch(
         calls.append(adapters)
         return generate(model, tokenizer, prompts, adapters, **kwargs)
 
-    monkeypatch.setattr(lorakit.cli.generate, "generate", counted)
+    monkeypatch.setattr(lorakit.inference.generate, "generate", counted)  # as `run` imports it
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
     argv = generate_args(
         tiny_chat_llama, "--adapter", adapters["fr"], "--adapter", adapters["de"], "--prompts", prompts

@@ -50,6 +50,17 @@ def test_rank_reads_every_2d_tensor_of_a_safetensors_file_or_one_key(tmp_path, c
     assert [row["matrix"] for row in json_rows(out)] == ["b"]
 
 
+def test_rank_lists_a_models_floating_point_weights_not_its_integer_buffers(tmp_path, capsys):
+    path = tmp_path / "model.safetensors"  # as BERT-like checkpoints hold them: position_ids (1, 512), int64
+    weights = {"query.weight": torch.eye(4), "dense.weight": torch.ones(4, 4, dtype=torch.bfloat16)}
+    save_file({**weights, "position_ids": torch.arange(4).view(1, 4), "mask": torch.ones(2, 2, dtype=torch.bool)}, path)
+    code, out, _ = run_cli(capsys, "rank", str(path), "--json")
+    assert code == 0
+    assert {row["matrix"]: row["rank"] for row in json_rows(out)} == {"query.weight": 4, "dense.weight": 1}
+    code, out, _ = run_cli(capsys, "rank", str(path), "--key", "position_ids", "--json")  # named: read as asked
+    assert [row["matrix"] for row in json_rows(out)] == ["position_ids"]
+
+
 def test_rank_prints_a_table_and_writes_a_png_plot(tmp_path, capsys):
     np.save(tmp_path / "m.npy", np.eye(6))
     plot = tmp_path / "plots" / "spectrum.png"
@@ -106,7 +117,11 @@ def npz_bytes(directory) -> bytes:
         (lambda d: ["rank", write(d, "o.npy", np.array([[{}]], dtype=object))], "o.npy is not a readable .npy array"),
         (lambda d: ["rank", write(d, "i.csv", "1,inf\n0,1\n")], "NaN or inf"),
         (lambda d: ["rank", write(d, "w.safetensors", {"a": torch.eye(2)}), "--key", "nope"], "no tensor named 'nope'"),
-        (lambda d: ["rank", write(d, "v.safetensors", {"v": torch.ones(3)})], "no 2-D tensor"),
+        (lambda d: ["rank", write(d, "v.safetensors", {"v": torch.ones(3)})], "no 2-D floating-point tensor"),
+        (
+            lambda d: ["rank", write(d, "ids.safetensors", {"position_ids": torch.arange(8).view(1, 8)})],
+            "no 2-D floating-point tensor in the file (use --key to name one)",
+        ),
         (lambda d: ["rank", write(d, "bad.safetensors", b"not a safetensors file")], "not a readable safetensors"),
         (lambda d: ["rank", write(d, "m.json", "[]")], "unknown file type"),
         (lambda d: ["rank", write(d, "m.npy", np.eye(2)), "--energy", "1.5"], "--energy must be in"),

@@ -150,6 +150,24 @@ def test_cli_combine_cat_writes_the_exact_weighted_sum(tmp_path, capsys):
         torch.testing.assert_close(found[path], delta, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("columns", [100, 160])
+def test_cli_inspect_cuts_layer_names_from_their_start_to_fit_columns_keeping_them_apart(
+    tmp_path, capsys, monkeypatch, columns
+):
+    paths = [f"model.layers.{i}.self_attn.{m}_proj" for i in range(2) for m in "qkvo"]
+    adapter({path: random_factors(8, 8, 2, seed) for seed, path in enumerate(paths)}).save(tmp_path / "a")
+    monkeypatch.setenv("COLUMNS", str(columns))
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "a")
+    assert code == 0, err
+    rows = [line.split("│")[0].strip() for line in out.splitlines() if line.count("│") == 8]
+    assert max(map(len, out.splitlines())) <= columns
+    if columns == 100:  # too narrow for whole names: each ends as its layer's does
+        assert rows == ["…" + path[len(path) - len(row) + 1 :] for path, row in zip(sorted(paths), rows, strict=True)]
+        assert rows[0] == "…0.self_attn.k_proj"
+    else:
+        assert rows == sorted(paths)
+
+
 def test_cli_inspect_and_compare_print_json_and_write_png_plots(tmp_path, capsys):
     state, deltas = deficient_adapter()
     state.save(tmp_path / "one")
@@ -365,7 +383,7 @@ BAD_INPUT = {
     ),
     "inspect-rank-pattern-not-a-dict": (
         lambda d: ["inspect", damaged_adapter(d, config={"rank_pattern": [1]})],
-        "rank_pattern must map module patterns to values, got [1]",
+        "rank_pattern must be an object of patterns to integers, got [1]",
     ),
     "inspect-missing": (lambda d: ["inspect", str(d / "nope")], "no adapter directory"),
     "compare-missing": (lambda d: ["compare", saved_small(d, "a"), str(d / "nope")], "no adapter directory"),

@@ -1,5 +1,5 @@
 """`lorakit demo --quick` (lorakit.demo): the experiment's invariants, not just its files. One run serves the
-tests that take `demo_run`: they are slow (`-m "not slow"` leaves them out)."""
+tests that take `demo_run` (tests/demo/conftest.py): they are slow (`-m "not slow"` leaves them out)."""
 
 import json
 import re
@@ -9,13 +9,6 @@ import pytest
 import lorakit as lk
 from lorakit.cli import main
 from lorakit.demo.experiment import LAYERS, low_rank_view, oversized_mlp
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out), "--seed", "0"]) == 0
-    return out, json.loads((out / "metrics.json").read_text())
 
 
 @pytest.mark.slow

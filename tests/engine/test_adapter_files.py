@@ -390,7 +390,7 @@ BAD_INPUTS = {
     "invalid-json": (lambda d: (d / CONFIG).write_text('{"r": 2,'), ValueError, "is not valid JSON"),
     "config-not-an-object": (lambda d: (d / CONFIG).write_text("[1, 2]"), ValueError, "must hold a JSON object"),
     "ia3": (_edit_config(peft_type="IA3"), ValueError, "peft_type is 'IA3'; lorakit reads LoRA adapters only"),
-    "dora": (_edit_config(use_dora=True), ValueError, "use_dora=True is not supported"),
+    "qalora": (_edit_config(use_qalora=True), ValueError, "use_qalora=True is not supported"),
     "alora": (_edit_config(alora_invocation_tokens=[7]), ValueError, r"alora_invocation_tokens=\[7\] is not supported"),
     "bad-rank": (_edit_config(r=0), ValueError, "r must be a positive integer"),
     "targets-nothing": (_edit_config(target_modules=["q_proj"]), ValueError, "matches no module"),
@@ -576,3 +576,20 @@ def test_a_failed_load_into_a_plain_model_leaves_no_lorakit_state_on_it(tmp_path
     assert plain.__dict__.keys() == before.keys()
     assert lk.adapter_names(plain) == []
     assert plain.__dict__.keys() == before.keys()  # a query writes nothing either
+
+
+def test_an_adapter_records_the_directory_its_base_was_loaded_from_so_transformers_loads_both(tmp_path):
+    from helpers import build_tiny_llama, logits
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_llama().save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    torch.manual_seed(0)
+    lk.inject(model, lk.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], init=False))
+    expected = logits(model)
+    lk.save_adapter(model, tmp_path / "adapter")  # no base_model_name_or_path given: the model's own, as PEFT
+    assert json.loads((tmp_path / "adapter" / CONFIG).read_text())["base_model_name_or_path"] == str(tmp_path / "base")
+    # transformers' PEFT integration: the adapter directory alone finds the base and loads the adapter onto it
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(logits(build_tiny_llama()), expected, atol=1e-3)  # the adapter is what changed it

@@ -398,3 +398,15 @@ def test_merge_and_unload_gives_back_the_original_weight_under_an_inactive_pissa
     # the residual W − s·B₀A₀ under the inactive PiSSA adapter is W again; the active adapter is folded in
     torch.testing.assert_close(plain[0].weight, expected_0, atol=1e-6, rtol=0)
     torch.testing.assert_close(plain[2].weight, original["2.weight"], atol=1e-6, rtol=0)
+
+
+def test_each_target_name_that_matches_no_module_is_warned_about_and_the_others_are_adapted(net):
+    with pytest.warns(UserWarning) as caught:
+        lk.inject(net, lk.LoraConfig(target_modules=["hidden", "nope_proj", "hiden"]))
+    messages = [str(w.message) for w in caught]
+    assert messages == [
+        "target_modules name 'nope_proj' matches no module of the model",
+        "target_modules name 'hiden' matches no module of the model",
+    ]
+    assert [path for path, _ in engine_model.lora_layers(net)] == ["hidden"]
+    assert caught[0].filename == __file__  # the warning points at the caller's line, not into lorakit

@@ -178,7 +178,7 @@ def test_options_peft_writes_at_their_neutral_values_are_accepted():
     "changes, message",
     [
         ({"peft_type": "IA3"}, "peft_type is 'IA3'; lorakit reads LoRA adapters only"),
-        ({"use_dora": True}, "use_dora=True is not supported by lorakit"),
+        ({"use_qalora": True}, "use_qalora=True is not supported by lorakit"),
         ({"layers_to_transform": [0, 1]}, "layers_to_transform=[0, 1] is not supported by lorakit"),
         ({"init_lora_weights": "loftq"}, "init_lora_weights='loftq' is not supported by lorakit"),
         ({"r": 0}, "r must be a positive integer, got 0"),

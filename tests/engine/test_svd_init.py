@@ -280,8 +280,9 @@ def edit_config(directory, **fields) -> None:
     [
         (lambda d: edit_first_factor(d, rows=3), "shape mismatch"),
         (lambda d: edit_first_factor(d, rows=5), "shape mismatch"),
-        # a rank the narrowest layers (k_proj, v_proj: 16 × 32) cannot take: fails while the init runs
-        (lambda d: edit_config(d, r=20, lora_alpha=40), "r <= min"),
+        # a rank the narrowest layers (k_proj, v_proj: 16 × 32) cannot take, and the file's factors do not have:
+        # refused from the file's header, before any factor is made or weight rewritten
+        (lambda d: edit_config(d, r=20, lora_alpha=40), "shape mismatch"),
     ],
     ids=["fewer-rows", "more-rows", "rank-too-large"],
 )

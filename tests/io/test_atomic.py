@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import tree
 
-from lorakit.io.atomic import atomic_dir, atomic_file, write_text_atomic
+from lorakit.io.atomic import atomic_dir, atomic_file, remove_leftovers, remove_tree, write_text_atomic
 
 
 def test_a_failed_rename_leaves_the_old_entry_and_never_moves_the_others(tmp_path, monkeypatch):
@@ -165,3 +165,91 @@ def test_a_failed_rename_of_a_subdirectory_names_it_and_leaves_the_old_one(tmp_p
         (tmp / "sub" / "a.txt").write_text("new")
     assert str(directory / "sub") in str(caught.value) and ".old" not in str(caught.value)
     assert (directory / "sub" / "a.txt").read_text() == "old"
+
+
+# -- units, removals and full disks --------------------------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """A kill at a chosen rename or removal, for the state it leaves on disk (what a reader then sees)."""
+
+
+def kill_at(monkeypatch, n: int) -> list[str]:
+    """Makes the n-th call of os.replace / os.unlink raise Killed; returns the calls made, for the caller to count."""
+    calls, replace, unlink = [], os.replace, os.unlink
+
+    def counted(real):
+        def call(*args, **kwargs):
+            calls.append(real.__name__)
+            if len(calls) == n:
+                raise Killed
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "replace", counted(replace))
+    monkeypatch.setattr(os, "unlink", counted(unlink))
+    return calls
+
+
+def write_unit(directory: Path, text: str) -> None:
+    with atomic_dir(directory, commit="adapter_config.json") as tmp:
+        (tmp / "adapter_model.safetensors").write_text(f"weights {text}")
+        (tmp / "adapter_config.json").write_text(f"config {text}")
+        (tmp / "README.md").write_text(f"readme {text}")
+
+
+def test_a_unit_is_seen_old_whole_absent_or_new_whole_whatever_rename_a_kill_stops(tmp_path, monkeypatch):
+    directory = tmp_path / "adapter"
+    write_unit(directory, "old")
+    points = 0
+    while True:
+        points += 1
+        write_unit(directory, "old")
+        calls = kill_at(monkeypatch, points)
+        try:
+            write_unit(directory, "new")
+        except Killed:
+            pass
+        finally:
+            monkeypatch.undo()
+        seen = {p.name: p.read_text() for p in directory.iterdir() if not p.name.startswith(".")}
+        if "adapter_config.json" in seen:  # what a reader takes: the config, and the weights beside it
+            version = seen["adapter_config.json"].split()[1]
+            assert seen["adapter_model.safetensors"] == f"weights {version}", (points, seen)
+        if len(calls) < points:  # the write ran to its end: every rename and removal was tried
+            assert seen == {
+                "adapter_model.safetensors": "weights new",
+                "adapter_config.json": "config new",
+                "README.md": "readme new",
+            }
+            break
+    assert points >= 4  # the old config's removal, three renames
+
+
+def test_a_removed_tree_is_gone_at_once_and_a_killed_removal_leaves_a_leftover(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        (root / f"step-{step}").mkdir(parents=True)
+        for name in ("a", "b", "c"):
+            (root / f"step-{step}" / name).write_text(name)
+    kill_at(monkeypatch, 2)  # the second file of step-1 deleted: a removal half done
+    with pytest.raises(Killed):
+        remove_tree(root / "step-1")
+    monkeypatch.undo()
+    names = sorted(p.name for p in root.iterdir())
+    assert names[1:] == ["step-2"] and names[0].startswith(".step-1.") and names[0].endswith(".old")
+    remove_leftovers(root)
+    assert sorted(p.name for p in root.iterdir()) == ["step-2"]
+
+
+def test_a_full_disk_names_the_destination_not_a_temporary(tmp_path):
+    def fill(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")  # what write() raises: it names no file
+
+    full = "No space left on device$"
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'out'}: {full}"), atomic_dir(tmp_path / "out") as tmp:
+        fill(tmp)
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'f'}: {full}"), atomic_file(tmp_path / "f") as tmp:
+        fill(tmp)
+    assert list(tmp_path.iterdir()) == []

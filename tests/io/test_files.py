@@ -11,8 +11,8 @@ from torch import nn
 
 import lorakit as lk
 import lorakit.engine.peft_format
-from lorakit.cli.rank import read_matrices
 from lorakit.io.files import open_safetensors, read_json_object, read_safetensors, write_safetensors
+from lorakit.io.matrices import read_matrices
 from lorakit.tools.sources import TensorSource
 
 WEIGHTS = "adapter_model.safetensors"

@@ -1,6 +1,7 @@
 """Reading, tokenizing and batching training data (lorakit.training.data)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -34,9 +35,10 @@ def test_custom_field_names(tmp_path):
         ("empty.jsonl", "\n\n", None, r"the dataset is empty"),
         ("empty.txt", "", None, r"the dataset is empty"),
         ("nofield.jsonl", '{"text": "a"}\n{"body": "b"}\n', None, r"line 2 has no field 'text' \(fields: body\)"),
-        ("nolabel.jsonl", '{"text": "a"}\n', "label", r"line 1 has no field 'label'"),
+        ("nolabel.jsonl", '{"text": "a"}\n', "label", r"no row has the label field 'label' \(line 1 has: text\)"),
+        ("somelabels.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', "label", r"line 2 has no field 'label'"),
         ("num.jsonl", '{"text": 5}\n', None, r"line 1: field 'text' must be text"),
-        ("nolabel.csv", "text\nhello\n", "label", r"line 2 has no field 'label'"),
+        ("nolabel.csv", "text\nhello\n", "label", r"no row has the label field 'label' \(line 2 has: text\)"),
         ("labels.txt", "hello\n", "label", r"a plain text file has no label field"),
         ("blank.jsonl", '{"text": "a"}\n{"text": " "}\n', None, r"line 2: field 'text' is empty"),
         ("blank.csv", 'text\nhello\n""\n', None, r"line 3: field 'text' is empty"),
@@ -114,3 +116,47 @@ def test_a_text_without_tokens_is_refused_by_name_for_classification_and_dropped
         classification_dataset([{"text": "fine", "label": 0}, {"text": "\u200b", "label": 1}], tokenizer, 8)
     data = language_dataset([Conversation(1, text="fine"), Conversation(2, text="\u200b")], tokenizer, 8)
     assert (data.stats.examples, data.stats.dropped, data.stats.dropped_lines) == (1, 1, [2])
+
+
+# -- the order of a classifier's labels ------------------------------------------------------------------------
+
+
+def test_integer_labels_sort_numerically_so_that_class_i_is_label_i():
+    from lorakit.training.data import label_values
+
+    shuffled = [5, 11, 0, 2, 10, 1, 3, 4, 9, 6, 8, 7]
+    assert label_values([{"label": label} for label in shuffled]) == list(range(12))  # not [0, 1, 10, 11, 2, ...]
+    as_text = [str(label) for label in shuffled]  # a CSV file's labels are text
+    assert label_values([{"label": label} for label in as_text]) == [str(i) for i in range(12)]
+    assert label_values([{"label": label} for label in ["-1", "01", "1", "+2"]]) == ["-1", "01", "1", "+2"]
+    assert label_values([{"label": label} for label in ["pos", "neg", "10 stars", "2 stars"]]) == [
+        "10 stars",
+        "2 stars",
+        "neg",
+        "pos",
+    ]
+    assert label_values([{"label": True}, {"label": False}]) == [False, True]
+
+
+def test_labels_of_different_kinds_are_refused_naming_the_clash():
+    from lorakit.training.data import label_values
+
+    records = [{"label": True}, {"label": 1}, {"label": "1"}, {"label": 0}]  # one label to Python, three to JSON
+    with pytest.raises(ValueError) as error:
+        label_values(records, "train.jsonl")
+    assert str(error.value) == (
+        'train.jsonl: the labels mix kinds, true (true/false), 1 (an integer), "1" (text): write every label the '
+        "same way (all text, all integers or all true/false)"
+    )
+
+
+def test_an_eval_label_of_another_kind_is_not_taken_for_the_training_label_it_equals_in_python():
+    class Words:  # a tokenizer stand-in: one token per word
+        def __call__(self, texts, truncation, max_length):
+            return {"input_ids": [[len(word) for word in text.split()] for text in texts]}
+
+    train = [{"text": "a b", "label": 0}, {"text": "c", "label": 1}]
+    dataset = classification_dataset(train, Words(), 8)
+    assert dataset.labels == [0, 1] and [e.label for e in dataset.examples] == [0, 1]
+    with pytest.raises(ValueError, match=re.escape("label True is not one of the training labels [0, 1]")):
+        classification_dataset([{"text": "a", "label": True}], Words(), 8, dataset.labels)

@@ -165,12 +165,13 @@ def test_new_run_into_an_out_with_checkpoints_is_refused_and_leaves_it_as_it_was
     assert main([*args, "--lr", "1e-3"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"lorakit: error: {out} holds checkpoints of an earlier run (step-000002), which finished: add --resume to "
-        f"continue it with more --steps, or remove {out / 'checkpoints'} (or choose another --out) to start over"
+        "continue it with more --steps, or --overwrite to start over (which removes the earlier run's files), or "
+        "choose another --out"
     ]
     assert tree(out) == before
-    (out / "train_config.json").unlink()  # as a run killed before its end leaves --out
+    (out / "adapter_model.safetensors").unlink()  # as a run killed before its end leaves --out
     assert main(args) == 2
-    assert "(step-000002): add --resume to continue it, or remove" in " ".join(capsys.readouterr().err.split())
+    assert "(step-000002): add --resume to continue it, or --overwrite" in " ".join(capsys.readouterr().err.split())
 
 
 TOPICS = {

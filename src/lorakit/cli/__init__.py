@@ -2,23 +2,32 @@
 
 Bad input of any kind ends in one line on stderr, `lorakit: error: ...`, and exit code 2, as argparse
 does for bad flags; tracebacks are for bugs only.
+
+Each command module has `add_parser(sub)`, registered in COMMANDS, and the function its parser runs. Building
+the parser imports every command module, so that `lorakit --help` answers at once only where none imports torch,
+transformers or matplotlib at its top: a module's top imports the standard library, rich and lorakit's torch-free
+modules (lorakit.options, cli.arguments, the config dataclasses, io.console); its run function imports the library
+it drives (`from lorakit.tools.resize import resize`). tests/cli/test_main.py checks it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import TextIO
 
 from lorakit import __version__
-from lorakit.cli import demo, finetune, generate, merge, rank, svd
+from lorakit.cli import demo, finetune, generate, merge, predict, rank, study, svd
 
 __all__ = ["main"]
 
-COMMANDS = (demo, finetune, generate, merge, rank, svd)
+CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")  # what would break or garble the one error line
+
+COMMANDS = (demo, finetune, generate, merge, predict, rank, study, svd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +51,12 @@ def _show_warning(
     line: str | None = None,
 ) -> None:
     """Warnings as one plain line, like the command's own, without Python's file name and source line."""
-    print(f"warning: {message}", file=sys.stderr if file is None else file)
+    print(f"warning: {one_line(str(message))}", file=sys.stderr if file is None else file)
+
+
+def one_line(text: str) -> str:
+    """`text` on one line: a line break or other control character (a path may hold one) shown escaped, as "\\n"."""
+    return CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails once more
         return 1  # as rich does for what it prints, and Python for a closed pipe
     except (ValueError, OSError) as error:
-        message = str(error) or type(error).__name__
+        message = one_line(str(error)) or type(error).__name__
         print(f"lorakit: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,5 +1,10 @@
 """Command-line flags built from a config dataclass's `option` fields (lorakit.options), so that every default
-and help text is stated once, on the config, and every --help shows the defaults."""
+and help text is stated once, on the config, and every --help shows the defaults.
+
+Only the flags typed on the command line reach the namespace (argparse.SUPPRESS): the config's own defaults fill
+in the rest, and a command can tell the flags given from the values left alone (`given_values`), as
+`lorakit finetune --resume` does to take the others from the run it continues.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,16 @@ from typing import Any
 
 from lorakit.options import flag_of
 
-__all__ = ["add_config_flags", "config_from_args"]
+__all__ = ["add_config_flags", "config_from_args", "given_values"]
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_class: type, headings: tuple[str, ...] = ()) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, config_class: type, headings: tuple[str, ...] = (), required: bool = True
+) -> None:
     """Adds a flag for each `option` field of `config_class`, in field order, under its group's heading;
-    `headings` lists the groups in the order --help shows them (the others follow in order of appearance)."""
+    `headings` lists the groups in the order --help shows them (the others follow in order of appearance).
+    A field without a default is a required flag; with `required=False` it is not, and `config_from_args` refuses
+    its absence instead, unless the command supplies the value."""
     groups: dict[str | None, Any] = {None: parser}
     for heading in headings:
         groups[heading] = parser.add_argument_group(heading)
@@ -32,26 +41,44 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, headin
                 exclusive[meta["exclusive"]] = target.add_mutually_exclusive_group()
             target = exclusive[meta["exclusive"]]
         flags = meta["flags"] or (flag_of(config_class, field.name),)
-        kwargs: dict[str, Any] = {"dest": field.name, "help": _help(field, meta)}
+        kwargs: dict[str, Any] = {"dest": field.name, "help": _help(field, meta), "default": argparse.SUPPRESS}
         if isinstance(field.default, bool):
             kwargs["action"] = "store_false" if field.default else "store_true"
         else:
-            required = field.default is dataclasses.MISSING
-            kwargs.update(required=required, metavar=meta["metavar"], choices=meta["choices"])
-            kwargs["type"] = meta["type"] or _value_type(field.default)
-            if not required:
-                kwargs["default"] = field.default
+            kwargs.update(required=required and field.default is dataclasses.MISSING, metavar=meta["metavar"])
+            kwargs.update(choices=meta["choices"], type=meta["type"] or _value_type(field.default))
         target.add_argument(*flags, **kwargs)
 
 
-def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
-    """The config the flags describe (each value through its field's `parse`, where it has one)."""
+def given_values(config_class: type, args: argparse.Namespace) -> dict[str, Any]:
+    """{field: value} of the flags given on the command line, each value through its field's `parse`."""
     values = {}
     for field in dataclasses.fields(config_class):
         meta = field.metadata.get("option")
-        if meta is not None:
+        if meta is not None and hasattr(args, field.name):
             value = getattr(args, field.name)
             values[field.name] = meta["parse"](value) if meta["parse"] and value is not None else value
+    return values
+
+
+def config_from_args(config_class: type, args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
+    """The config the flags describe: the flags given, over `base` ({field: value}, say a saved run's), over the
+    config's own defaults.
+
+    Raises:
+        ValueError: a field without a default that neither a flag nor `base` gives (only with flags added with
+            `required=False`: argparse refuses the others itself).
+    """
+    values = {**(base or {}), **given_values(config_class, args)}
+    missing = [
+        flag_of(config_class, field.name)
+        for field in dataclasses.fields(config_class)
+        if field.default is dataclasses.MISSING
+        and field.default_factory is dataclasses.MISSING
+        and field.name not in values
+    ]
+    if missing:
+        raise ValueError(f"the following arguments are required: {', '.join(missing)}")
     return config_class(**values)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from lorakit.cli.arguments import add_config_flags, config_from_args
-from lorakit.demo.experiment import DemoSettings, run_demo
+from lorakit.demo.settings import DemoSettings
 
 __all__ = ["add_parser"]
 
@@ -26,4 +26,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from lorakit.demo.experiment import run_demo
+
     run_demo(config_from_args(DemoSettings, args))

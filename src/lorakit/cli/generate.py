@@ -15,20 +15,19 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from lorakit.engine.adapter_files import load_adapter
-from lorakit.engine.model import ADAPTER_NAME, BASE, disabled
-from lorakit.inference.generate import Prompt, check_settings, generate, prompt_ids
 from lorakit.io.console import make_console
+from lorakit.io.untrusted import loads_json
 from lorakit.training.chat import check_messages
-from lorakit.training.models import load_model_and_tokenizer, take_run_chat_template
+
+if TYPE_CHECKING:
+    from lorakit.inference.generate import Prompt
 
 __all__ = ["Item", "adapter_dirs", "add_parser", "read_items", "run"]
 
@@ -129,6 +128,8 @@ def adapter_dirs(values: list[str]) -> dict[str, Path]:
         FileNotFoundError: a directory that does not exist.
         ValueError: a name that cannot be an adapter's, or the same name twice.
     """
+    from lorakit.engine.model import ADAPTER_NAME, BASE
+
     dirs: dict[str, Path] = {}
     for value in values:
         name, equals, rest = value.partition("=")
@@ -172,9 +173,11 @@ def read_items(path: str | Path, option: str, default_adapter: str) -> list[Item
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = loads_json(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+        except ValueError as error:  # valid, and nested too deeply or a number too long
+            raise ValueError(f"{where}: {error}") from None
         items.append(_item(row, where, option, default_adapter))
     if not items:
         raise ValueError(f"{path}: no prompts in the file")
@@ -257,6 +260,13 @@ def _print_piece(i: int, text: str) -> None:
 def run(args: argparse.Namespace) -> None:
     """Checks the settings, adapter directories and prompt files before loading the model and each prompt against
     the tokenizer before generating; then answers all prompts in one batch: streamed, as a table, or as JSON."""
+    import torch
+
+    from lorakit.engine.adapter_files import load_adapter
+    from lorakit.engine.model import BASE, disabled
+    from lorakit.inference.generate import check_settings, generate, prompt_ids
+    from lorakit.training.models import load_model_and_tokenizer, take_run_chat_template
+
     check_settings(args.max_new_tokens, args.temperature, args.top_p, as_flags=True)
     dirs = adapter_dirs(args.adapter)
     if args.compare and not dirs:

@@ -1,15 +1,15 @@
 """`lorakit merge`: the base model with an adapter folded in, as a transformers model directory for serving
 (see lorakit.inference.export).
 
-lorakit merge --model ./my-llama --adapter run/ --out merged/ [--dtype bfloat16]
+lorakit merge --model ./my-llama --adapter run/ --out merged/ [--dtype bfloat16] [--load-in-4bit | --load-in-8bit]
 """
 
 from __future__ import annotations
 
 import argparse
 
-from lorakit.inference.export import DTYPES, merge_to_directory
 from lorakit.io.console import make_console
+from lorakit.training.config import DTYPES  # the names alone: inference.export maps them to torch dtypes
 
 __all__ = ["add_parser"]
 
@@ -38,11 +38,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="{" + ",".join(DTYPES) + "}",
         help="the dtype of the written weights (default: the base model's own)",
     )
+    quantized = p.add_mutually_exclusive_group()
+    for bits in (4, 8):
+        quantized.add_argument(
+            f"--load-in-{bits}bit",
+            dest="bits",
+            action="store_const",
+            const=bits,
+            help=f"the adapter was trained on the base quantized to {bits} bits: load it so, and write its dequantized "
+            "weights with the adapter added, in full precision (default: as the run in --adapter says)",
+        )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    out = merge_to_directory(args.model, args.adapter, args.out, dtype=args.dtype)
+    from lorakit.inference.export import merge_to_directory
+
+    out = merge_to_directory(args.model, args.adapter, args.out, dtype=args.dtype, bits=args.bits)
     size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
     make_console().print(f"merged model written to {out}/ ({human_size(size)})")
 

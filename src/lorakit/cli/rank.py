@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lorakit import lowrank
 from lorakit.io.console import make_console
-from lorakit.io.files import open_safetensors
-from lorakit.io.plots import spectrum_plot
+from lorakit.io.outputs import check_output
 
-__all__ = ["add_parser", "matrix_stats", "read_matrices"]
+if TYPE_CHECKING:
+    import torch
 
-SUFFIXES = (".npy", ".csv", ".txt", ".tsv", ".safetensors")
+__all__ = ["add_parser", "matrix_stats"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,93 +37,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="a .npy array, a .csv/.txt matrix (comma- or whitespace-separated) or a .safetensors file",
     )
-    p.add_argument("--key", metavar="NAME", help="the tensor to read from a .safetensors file (default: every 2-D one)")
+    p.add_argument(
+        "--key",
+        metavar="NAME",
+        help="the tensor to read from a .safetensors file (default: every 2-D floating-point one)",
+    )
     p.add_argument(
         "--energy",
         type=float,
         default=0.9,
         metavar="F",
-        help="report the smallest rank holding this fraction of ‖M‖²_F, in (0, 1] (default 0.9)",
+        help="report the smallest rank holding this fraction of ‖M‖²_F, in (0, 1] (default: 0.9)",
     )
-    p.add_argument("--top", type=int, default=5, metavar="K", help="how many singular values to print (default 5)")
-    p.add_argument("--plot", metavar="PNG", help="write a PNG of the spectra and cumulative energy curves")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="how many singular values to print (default: 5)")
+    p.add_argument(
+        "--plot", metavar="PNG", help="write a PNG of the spectra and cumulative energy curves (default: none)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per matrix instead of a table")
     p.add_argument("--example", action="store_true", help="walk through the worked examples of the LoRA notes")
     p.set_defaults(run=run)
 
 
-def read_matrices(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
-    """{name: 2-D float tensor} from a .npy, .csv/.txt/.tsv or .safetensors file. Never unpickles."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise ValueError(f"{path}: unknown file type {suffix!r}; expected one of {', '.join(SUFFIXES)}")
-    if key is not None and suffix != ".safetensors":
-        raise ValueError("--key only applies to .safetensors files")
-    if suffix == ".safetensors":
-        tensors = _read_safetensors(path, key)
-    elif suffix == ".npy":
-        with path.open("rb") as handle:  # the .npy format alone: never a pickle, nor an .npz archive
-            try:
-                array = np.lib.format.read_array(handle, allow_pickle=False)
-            except (ValueError, EOFError) as error:  # empty, truncated or not .npy at all
-                raise ValueError(f"{path} is not a readable .npy array: {error}") from None
-        if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-            raise ValueError(f"{path}: expected a real numeric array, got dtype {array.dtype}")
-        tensors = {path.name: torch.from_numpy(np.asarray(array, dtype=np.float64))}
-    else:
-        tensors = {path.name: torch.from_numpy(_read_text_matrix(path))}
-    for name, M in tensors.items():
-        tensors[name] = lowrank.as_matrix(M, f"{path.name}: {name}" if name != path.name else path.name)
-    return tensors
-
-
-def _read_text_matrix(path: Path) -> np.ndarray:
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not lines:
-        raise ValueError(f"{path}: no numbers in the file")
-    delimiter = "," if "," in lines[0] else None
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        cells = [cell.strip() for cell in line.split(delimiter)]
-        try:
-            rows.append([float(cell) for cell in cells])
-        except ValueError:
-            bad = next(cell for cell in cells if not _is_float(cell))
-            raise ValueError(f"{path}: non-numeric value {bad!r} on data line {number}") from None
-    widths = {len(row) for row in rows}
-    if len(widths) != 1:
-        raise ValueError(f"{path}: rows have different lengths {sorted(widths)}")
-    return np.array(rows, dtype=np.float64)
-
-
-def _is_float(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
-def _read_safetensors(path: Path, key: str | None) -> dict[str, torch.Tensor]:
-    with open_safetensors(path) as f:
-        keys = list(f.keys())
-        if key is not None:
-            if key not in keys:
-                shown = ", ".join(keys[:10]) + (" …" if len(keys) > 10 else "")
-                raise ValueError(f"{path}: no tensor named {key!r}; the file has: {shown}")
-            return {key: f.get_tensor(key)}
-        found = {k: f.get_tensor(k) for k in keys if len(f.get_slice(k).get_shape()) == 2}
-    if not found:
-        raise ValueError(f"{path}: no 2-D tensor in the file (use --key to name one)")
-    return found
-
-
 def matrix_stats(S: torch.Tensor, shape: tuple[int, ...], energy_fraction: float = 0.9, top: int = 5) -> dict:
     """The numbers `lorakit rank` prints for one matrix of `shape` from its singular values S, JSON-ready."""
+    from lorakit import lowrank
+
     return {
         "shape": list(shape),
         "rank": lowrank.rank_of_spectrum(S, shape),
@@ -167,6 +102,12 @@ def run(args: argparse.Namespace) -> None:
     if args.example:
         walk_through_examples(console)
         return
+    from lorakit import lowrank
+    from lorakit.io.matrices import read_matrices
+    from lorakit.io.plots import spectrum_plot
+
+    if args.plot:
+        check_output(args.plot, [("matrix file", args.file)], "--plot")
     matrices = read_matrices(args.file, args.key)
     spectra = {name: lowrank.singular_values(M) for name, M in matrices.items()}  # one SVD per matrix serves all
     stats = {name: matrix_stats(S, tuple(matrices[name].shape), args.energy, args.top) for name, S in spectra.items()}
@@ -182,6 +123,10 @@ def run(args: argparse.Namespace) -> None:
 
 def walk_through_examples(console: Console) -> None:
     """The notes' worked examples, computed rather than quoted."""
+    import torch
+
+    from lorakit import lowrank
+
     torch.manual_seed(0)
     say = console.print
 

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,49 +28,20 @@ from torch import nn
 import lorakit as lk
 from lorakit import lowrank
 from lorakit.demo.report import low_rank_table, write_report
-from lorakit.engine.config import check_positive_int
+from lorakit.demo.settings import DemoSettings
 from lorakit.io.atomic import atomic_file, write_text_atomic
 from lorakit.io.console import make_console, make_progress
 from lorakit.io.files import write_safetensors
+from lorakit.io.outputs import check_output
 from lorakit.io.plots import error_bars_plot, loss_plot, spectrum_plot
-from lorakit.options import option
+from lorakit.io.untrusted import check_memory
 
-__all__ = ["DemoSettings", "run_demo"]
+__all__ = ["run_demo"]
 
 LAYERS = ("linear1", "linear2", "linear3")
 BATCH = 16
 LR = 1e-3
 REPLAY_PER_DIGIT = 25  # the replay sample: this many training images of each other digit
-
-
-@dataclass
-class DemoSettings:
-    """What `lorakit demo` runs: each field but base_epochs is also one of its flags (see its --help)."""
-
-    out: Path = option(Path("lorakit-demo"), "output directory", metavar="DIR")
-    seed: int = option(0, "seed for the split, the initialisation and the batches, 0 to 2**32 - 1")
-    rank: int = option(1, "LoRA rank r")
-    alpha: float = option(1.0, "LoRA α; the update is scaled by α/r")
-    steps: int = option(100, "fine-tuning steps for each adapter")
-    base_epochs: int = 2  # epochs of the base model's training
-    quick: bool = option(False, "a shorter run (at most 60 fine-tuning steps), for tests")
-
-    def __post_init__(self) -> None:
-        if not str(self.out).strip():  # Path("") is ".": the files would land wherever the command runs
-            raise ValueError("--out must not be empty")
-        self.out = Path(self.out)
-        check_positive_int("--rank", self.rank)
-        if self.steps < 0:
-            raise ValueError(f"--steps must be >= 0, got {self.steps}")
-        if not 0 <= self.seed < 2**32:  # scikit-learn's split takes no other seed
-            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
-        # checked here, not by LoraConfig after the base model has trained
-        if not math.isfinite(self.alpha) or self.alpha == 0:
-            raise ValueError(
-                f"--alpha must be a finite, non-zero number (the update is scaled by α/r), got {self.alpha}"
-            )
-        if self.quick:
-            self.steps = min(self.steps, 60)
 
 
 @dataclass
@@ -207,12 +176,22 @@ def low_rank_view(model: nn.Module, rank: int) -> tuple[list[dict], dict[str, to
     return rows, spectra
 
 
+def peak_adapter_bytes(rank: int) -> int:
+    """About the most memory the demo's adapters of rank `rank` take at once, 52 bytes per parameter of one
+    adapter (r · (in + out) per layer): both adapters in float32 (8), the gradient and AdamW's two moments of the
+    one that trains (12), and the float64 copies of the adapted model that the merge check makes (32)."""
+    sizes = [
+        (layer.in_features, layer.out_features) for layer in oversized_mlp().children() if isinstance(layer, nn.Linear)
+    ]
+    return 52 * rank * sum(fan_in + fan_out for fan_in, fan_out in sizes)
+
+
 def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
     """Runs the whole experiment, writes its files into `settings.out`, returns the metrics."""
     console = console or make_console()
     started = time.perf_counter()
-    out = settings.out
-    _check_writable(out)
+    out = check_output(settings.out, [])  # before any work: a place the files can go
+    check_memory(peak_adapter_bytes(settings.rank), f"lorakit demo --rank {settings.rank}")
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     say = console.print
@@ -364,14 +343,3 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict:
     write_report(out / "report.html", metrics)
     say(f"wrote {out / 'report.html'}, {out / 'metrics.json'} and plots in {out}/")
     return metrics
-
-
-def _check_writable(out: Path) -> None:
-    """Fails before any work when the output directory cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_file(out / ".write-test"):
-            pass
-        (out / ".write-test").unlink()
-    except OSError as error:
-        raise OSError(f"cannot write to --out {out}: {error.strerror or error}") from None

@@ -8,7 +8,7 @@ import os
 
 from lorakit.io.atomic import write_text_atomic
 
-__all__ = ["low_rank_table", "write_report"]
+__all__ = ["STYLE", "html_image", "html_table", "low_rank_table", "write_report"]
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
@@ -38,13 +38,15 @@ def low_rank_table(layers: list[dict], r: int) -> tuple[list[str], list[list[str
     return headings, rows
 
 
-def _table(header: list[str], rows: list[list[object]]) -> str:
+def html_table(header: list[str], rows: list[list[object]]) -> str:
+    """An HTML table: one heading row, then the rows, every cell escaped."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _image(name: str, alt: str) -> str:
+def html_image(name: str, alt: str) -> str:
+    """An image (a file beside the page) in a paragraph of its own."""
     return f'<p><img src="{html.escape(name)}" alt="{html.escape(alt)}"></p>'
 
 
@@ -85,19 +87,19 @@ def write_report(path: str | os.PathLike, m: dict) -> None:
         f"<p>Trained on digit {worst} alone, the adapter brings its errors from {m['errors_before'][worst]} to "
         f"{m['errors_lora'][worst]}. With LoRA switched off, weights and test logits equal the original bit for "
         f'bit: <b class="{verdict}">{m["disabled_equals_original"]}</b>.</p>',
-        _table(["model", *map(str, range(10)), "accuracy"], error_rows),
-        _image("errors.png", "wrong predictions per digit"),
+        html_table(["model", *map(str, range(10)), "accuracy"], error_rows),
+        html_image("errors.png", "wrong predictions per digit"),
         "<h2>4. Forgetting, and replay</h2>",
         f"<p>Training on a single class pushes the network towards predicting it everywhere: overall accuracy "
         f"goes from {m['accuracy_before']:.2%} to {m['accuracy_lora']:.2%}. A second adapter trained on the same "
         f"digit plus a replay sample of {m['replay_images']} images of the other digits keeps it at "
         f"{m['accuracy_replay']:.2%}, with digit {worst} wrong {m['errors_replay'][worst]} times.</p>",
-        _image("losses.png", "training loss curves"),
+        html_image("losses.png", "training loss curves"),
         "<h2>5. The low-rank view</h2>",
         f"<p>{_base_rank_sentence(m['layers'])} What is low-rank is the learned update ΔW = s·B·A, whose rank "
         "is at most r.</p>",
-        _table(*low_rank_table(m["layers"], r)),
-        _image("spectra.png", "singular values and cumulative energy of the base weights"),
+        html_table(*low_rank_table(m["layers"], r)),
+        html_image("spectra.png", "singular values and cumulative energy of the base weights"),
         "<h2>6. Merging and files</h2>",
         f"<p>Folding the adapter into the weights (W + s·B·A) gives the same function: the test logits differ "
         f"by at most {m['merged_max_abs_diff']:.1e} in float64, and by {m['merged_max_abs_diff_float32']:.1e} in "

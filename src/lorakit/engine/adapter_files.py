@@ -11,27 +11,31 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lorakit.engine.config import PISSA_NITER, is_svd_init, matches_target
-from lorakit.engine.layers import LoraLinear
+from lorakit.engine.config import PISSA_NITER, LoraConfig, is_svd_init, matches_target
+from lorakit.engine.layers import LoraEmbedding, LoraLayer, LoraLinear, wrap_module
 from lorakit.engine.model import (
     adapter_parameters,
     candidate_modules,
     check_known,
     configs,
     delete_adapter,
+    find_targets,
     inject,
+    is_nested,
     lora_layers,
     lora_state_dict,
     mark_trainable,
     module_copies,
     set_adapter,
 )
+from lorakit.engine.parameters import LoraParameter
 from lorakit.engine.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -41,6 +45,7 @@ from lorakit.engine.peft_format import (
     doubled_rank_config,
     factor_keys,
     read_adapter_config,
+    read_adapter_header,
     read_adapter_weights,
     wrapper_key,
     write_adapter_files,
@@ -50,7 +55,10 @@ from lorakit.engine.svd_init import to_plain_lora
 from lorakit.io.atomic import atomic_dir
 
 __all__ = [
+    "check_adapter_shapes",
     "check_adapter_tensors",
+    "check_adapter_values",
+    "check_planned_shapes",
     "load_adapter",
     "peft_config",
     "save_adapter",
@@ -59,10 +67,19 @@ __all__ = [
 
 
 def peft_config(model: nn.Module, adapter: str, base_model_name_or_path: str | None = None) -> dict[str, Any]:
-    """The adapter's config as PEFT writes it in adapter_config.json."""
+    """The adapter's config as PEFT writes it in adapter_config.json; without `base_model_name_or_path`, the
+    model's own `name_or_path` (a transformers model's: the directory or hub name it was loaded from), as PEFT
+    records it, so that `AutoModelFor...from_pretrained(adapter_dir)` finds the base."""
     check_known(model, [adapter])
+    if base_model_name_or_path is None:
+        base_model_name_or_path = model.__dict__.get("name_or_path")  # PEFT's own lookup: None on a plain module
     config = configs(model)[adapter]
-    paths = [path for path, layer in lora_layers(model) if adapter in layer.lora_A]
+    # the modules targeted by name: not the layers inside others, nor those of target_parameters
+    paths = [
+        path
+        for path, layer in lora_layers(model)
+        if adapter in layer.lora_A and not isinstance(layer, LoraParameter) and not is_nested(model, path)
+    ]
     fan_in_fan_out = any(
         isinstance(layer, LoraLinear) and layer.fan_in_fan_out and adapter in layer.lora_A
         for _, layer in lora_layers(model)
@@ -99,8 +116,9 @@ def save_adapter(
         directory: where adapter_config.json and adapter_model.safetensors go; created if missing. In an
             existing directory those two files are replaced and every other entry is left alone.
         adapter: the name of the adapter to write.
-        base_model_name_or_path: written into adapter_config.json, where PEFT's loaders look for the base model
-            (None: written as null).
+        base_model_name_or_path: written into adapter_config.json, where PEFT's loaders and transformers'
+            `from_pretrained(directory)` look for the base model (None: the model's own `name_or_path`, as PEFT
+            records it: where a transformers model was loaded from; null for a plain PyTorch module).
         convert_to_lora: for an adapter initialised from the weight, write the plain rank-2r LoRA (above); for
             any other adapter it changes nothing.
 
@@ -117,7 +135,7 @@ def save_adapter(
             its own, unseeded randomized SVD when loading it and starts from other factors.
     """
     directory = Path(directory)
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, commit=CONFIG_NAME) as tmp:  # the two files appear together or not at all
         write_adapter(model, tmp, adapter, base_model_name_or_path, convert_to_lora)
     return directory
 
@@ -177,9 +195,10 @@ def load_adapter(
     """
     directory = Path(directory)
     config = config_from_peft(read_adapter_config(directory), str(directory / CONFIG_NAME))
-    tensors = read_adapter_weights(directory)
+    shapes = read_adapter_header(directory)  # nothing allocated: the shapes are checked first
     if adapter in configs(model):
         raise ValueError(f"the model already has an adapter named {adapter!r}; delete it first or pick another name")
+    check_planned_shapes(model, config, shapes, directory / WEIGHTS_NAME)  # before inject allocates any factor
     state_before = snapshot_state(model)
     # an adapter loaded frozen leaves the others' training as it was (inject alone would freeze them)
     training = [p for name in configs(model) for p in adapter_parameters(model, name).values() if p.requires_grad]
@@ -191,9 +210,11 @@ def load_adapter(
     try:
         inject(model, config, adapter)
         params = adapter_parameters(model, adapter)
-        params.update(saved_base_weights(model, adapter, tensors))
-        params.update(saved_wrapper_biases(model, adapter, tensors))
-        check_adapter_tensors(tensors, params, directory / WEIGHTS_NAME)
+        params.update(saved_base_weights(model, adapter, shapes))
+        params.update(saved_wrapper_biases(model, adapter, shapes))
+        check_adapter_shapes(shapes, params, directory / WEIGHTS_NAME)
+        tensors = read_adapter_weights(directory)  # now known to be the sizes of the model's own parameters
+        check_adapter_values(tensors, directory / WEIGHTS_NAME)
     except BaseException:
         try:
             if adapter in configs(model):
@@ -221,45 +242,80 @@ def load_adapter(
     return model
 
 
-def saved_base_weights(model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+def saved_base_weights(model: nn.Module, adapter: str, stored: Container[str]) -> dict[str, nn.Parameter]:
     """PEFT saves the whole base weight of an adapted `embed_tokens` / `lm_head` beside its factors, as
-    `<path>.base_layer.weight`; such keys load into the base layer."""
+    `<path>.base_layer.weight`; such keys (among the file's, `stored`) load into the base layer."""
     found = {}
     for path, layer in lora_layers(model):
         key = base_weight_key(path)
-        if adapter in layer.lora_A and key in tensors:
+        if adapter in layer.lora_A and key in stored:
             found[key] = layer.base.weight
     return found
 
 
-def saved_wrapper_biases(model: nn.Module, adapter: str, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+def saved_wrapper_biases(model: nn.Module, adapter: str, stored: Container[str]) -> dict[str, nn.Parameter]:
     """PEFT with bias="all" also saves each modules_to_save wrapper's biases under its inner names:
     `<path>.modules_to_save.<name>` (the copy's again, beside `<path>.<name>`) and `<path>.original_module.<name>`
-    (the original module's); such keys load there."""
+    (the original module's); such keys (among the file's, `stored`) load there."""
     found = {}
     for path, copies in module_copies(model):
         if adapter in copies.copies:
             for inner, module in (("modules_to_save", copies.copies[adapter]), ("original_module", copies.original)):
                 for name, p in module.named_parameters():
                     key = wrapper_key(path, inner, name)
-                    if name.rsplit(".", 1)[-1] == "bias" and key in tensors:
+                    if name.rsplit(".", 1)[-1] == "bias" and key in stored:
                         found[key] = p
     return found
 
 
-def check_adapter_tensors(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter], path: Path) -> None:
-    """Refuses a file `path` whose tensors are not exactly `params`' keys and shapes, or hold NaN or inf."""
-    missing = [key for key in params if key not in tensors]
+def check_planned_shapes(model: nn.Module, config: LoraConfig, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Refuses a file `path` (its tensors' `shapes`, from the header) that lacks a factor the config puts on the
+    model, or holds it in another shape: computed without allocating, so that a config asking for r = 1,000,000
+    where the file holds r = 4 costs nothing. (The adapter's other tensors are checked once injected.)"""
+    with warnings.catch_warnings():  # inject, which follows, warns of target names that match nothing
+        warnings.simplefilter("ignore")
+        targets = find_targets(model, config) if config.target_modules or not config.target_parameters else []
+    planned = {}
+    for target in targets:
+        module = model.get_submodule(target)
+        layer = module if isinstance(module, LoraLayer) else wrap_module(module)  # a wrapper holds no factors
+        kind = "embedding" if isinstance(layer, LoraEmbedding) else "linear"
+        for key, shape in zip(factor_keys(target, kind), layer.factor_shapes(config.rank_for(target)), strict=True):
+            planned[key] = tuple(shape)
+    _check_expected(shapes, planned, path, only=False)
+
+
+def check_adapter_shapes(shapes: dict[str, tuple[int, ...]], params: dict[str, nn.Parameter], path: Path) -> None:
+    """Refuses a file `path` whose tensors (their `shapes`) are not exactly `params`' keys and shapes."""
+    _check_expected(shapes, {key: tuple(p.shape) for key, p in params.items()}, path, only=True)
+
+
+def _check_expected(
+    shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], path: Path, only: bool
+) -> None:
+    """Refuses file `path`'s tensors (`shapes`) unless every `expected` key is there in its shape and, with `only`,
+    no other key is."""
+    missing = [key for key in expected if key not in shapes]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensor(s) the config asks for, e.g. {missing[0]!r}")
-    unexpected = [key for key in tensors if key not in params]
+    unexpected = [key for key in shapes if key not in expected] if only else []
     if unexpected:
         raise ValueError(f"{path} has {len(unexpected)} tensor(s) no module of the model takes, e.g. {unexpected[0]!r}")
-    for key, p in params.items():
-        if tuple(tensors[key].shape) != tuple(p.shape):
+    for key, shape in expected.items():
+        if tuple(shapes[key]) != shape:
             raise ValueError(
-                f"shape mismatch for {key}: the model expects {tuple(p.shape)}, {path.name} has "
-                f"{tuple(tensors[key].shape)}"
+                f"shape mismatch for {key}: the model expects {shape}, {path.name} has {tuple(shapes[key])}"
             )
-        if not torch.isfinite(tensors[key]).all():
+
+
+def check_adapter_values(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuses tensors of file `path` that hold NaN or inf."""
+    for key, t in tensors.items():
+        if not torch.isfinite(t).all():
             raise ValueError(f"{key} in {path.name} holds NaN or inf")
+
+
+def check_adapter_tensors(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter], path: Path) -> None:
+    """Refuses a file `path` whose tensors are not exactly `params`' keys and shapes, or hold NaN or inf."""
+    check_adapter_shapes({key: tuple(t.shape) for key, t in tensors.items()}, params, path)
+    check_adapter_values(tensors, path)

@@ -3,7 +3,7 @@
 Module names are the dotted paths of `model.named_modules()`. Three ways to pick target layers:
 - a list of names: a module matches when its path equals a name or ends with "." + name
   (["q_proj", "v_proj"] hits every attention's q_proj and v_proj);
-- a string: a regular expression that must match the whole path (re.fullmatch);
+- a string: a regular expression that must match the whole path (a full match, in bounded time);
 - "all-linear": every nn.Linear and transformers Conv1D except the model's output head.
 `rank_pattern` and `alpha_pattern` override r and α per layer: each key is a regular expression (a plain
 name works too) matched against the end of the path at a "." boundary, as PEFT does; the first matching key
@@ -16,6 +16,8 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from lorakit.io.untrusted import check_pattern, fullmatch
 
 __all__ = [
     "ALL_LINEAR",
@@ -36,6 +38,7 @@ REGEX_SYNTAX = set("^$*+?{}[]()|\\")  # "." is left out: "self_attn.q_proj" is a
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian", False)
 SVD_INITS = ("pissa", "milora", "olora")  # inits from the weight's own SVD or QR (lorakit.engine.svd_init)
+MAX_SIZE = 2**63 - 1  # the largest size torch takes (int64)
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA through the randomized SVD, K subspace iterations
 
 
@@ -72,12 +75,20 @@ class LoraConfig:
         modules_to_save: modules (matched like a target list) trained as full copies, e.g. a new classifier.
         task_type: written to the PEFT config file (e.g. "CAUSAL_LM"); "SEQ_CLS" adds the heads "classifier"
             and "score" to modules_to_save, as PEFT does.
+        use_dora: DoRA (lorakit.engine.dora): a trained magnitude per output beside the low-rank direction.
+        lora_bias: B gets a trainable bias (zero at the start), added as s · bias to the layer's output.
+        trainable_token_indices: rows of an embedding trained as they are, beside the adapter (new tokens, say):
+            a list of token ids for the model's input embedding, or {module name: ids} (lorakit.engine.tokens).
+        target_parameters: parameters, not modules, that get the adapter, by "<module path>.<parameter>" (or
+            its end after a "."), e.g. the stacked expert weights of a mixture-of-experts layer
+            (lorakit.engine.parameters). With these, `target_modules` may be None.
 
     Raises:
         ValueError: no `target_modules`; r or a `rank_pattern` value that is not a positive integer; alpha or an
             `alpha_pattern` value that is not a finite number; patterns that are not a dict; an invalid regular
             expression; dropout outside [0, 1); an unknown init or bias; an init_std that is not a positive
-            number.
+            number; use_dora with lora_bias; target_parameters with dropout, DoRA or lora_bias; token indices that
+            are not lists of non-negative integers.
     """
 
     r: int = 8
@@ -93,6 +104,10 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
     task_type: str | None = None
+    use_dora: bool = False
+    lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple | set):
@@ -108,18 +123,23 @@ class LoraConfig:
         self.alpha_pattern = dict(sorted(self.alpha_pattern.items()))
         if self.task_type == "SEQ_CLS":  # as PEFT: a classification head is trained in full
             self.modules_to_save = list(dict.fromkeys([*(self.modules_to_save or []), "classifier", "score"]))
-        if self.target_modules is None:
-            raise ValueError("LoraConfig needs target_modules: module names, a regex string or 'all-linear'")
+        if isinstance(self.target_parameters, tuple | set):
+            self.target_parameters = sorted(self.target_parameters)
+        if self.target_modules is None and not self.target_parameters:
+            raise ValueError(
+                "LoraConfig needs target_modules (module names, a regex string or 'all-linear') or target_parameters"
+            )
         check_positive_int("r", self.r)
         _check_alpha("alpha", self.alpha)
         for key, value in self.rank_pattern.items():
             check_positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             _check_alpha(f"alpha_pattern[{key!r}]", value)
-        for pattern in [*self.rank_pattern, *self.alpha_pattern]:
-            _check_regex(pattern)
-        if isinstance(self.target_modules, str):
-            _check_regex(self.target_modules)
+        for name in ("rank_pattern", "alpha_pattern"):
+            for pattern in getattr(self, name):
+                check_pattern(pattern, f"{name}[{pattern!r}]")
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            _check_targets(name, getattr(self, name))
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init is True:
@@ -132,6 +152,11 @@ class LoraConfig:
             raise ValueError(f"init_std must be a positive number, got {self.init_std}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.use_dora and self.lora_bias:  # PEFT's own merge of the two disagrees with its forward pass
+            raise ValueError("use_dora with lora_bias is not supported")
+        if self.target_parameters and (self.dropout or self.use_dora or self.lora_bias):
+            raise ValueError("target_parameters work without dropout, use_dora and lora_bias, as in PEFT")
+        self.trainable_token_indices = _token_indices(self.trainable_token_indices)
 
     def rank_for(self, module_name: str) -> int:
         """The rank of the module at `module_name`: its `rank_pattern` entry, else r.
@@ -154,7 +179,7 @@ class LoraConfig:
             The value of the first `alpha_pattern` key that matches the end of the path at a "." boundary, else
             alpha.
         """
-        return pattern_value(self.alpha_pattern, module_name, self.alpha)
+        return pattern_value(self.alpha_pattern, module_name, self.alpha, "alpha_pattern")
 
     def scale_for(self, module_name: str, r: int | None = None) -> float:
         """s = α / r (α / √r with rsLoRA) for a module; `r` overrides the configured rank (say, a file's).
@@ -176,36 +201,62 @@ class LoraConfig:
 
 
 def check_positive_int(name: str, value: Any) -> None:
-    """Refuses a value that is not a positive integer (a bool is not one), naming it."""
+    """Refuses a value that is not a positive integer (a bool is not one) that torch can hold as a size, naming
+    it."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value > MAX_SIZE:
+        raise ValueError(f"{name} must be at most 2**63 - 1, got a number of {len(str(value))} digits")
 
 
 def _check_alpha(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
-def _check_regex(pattern: str) -> None:
     try:
-        re.compile(pattern)
-    except re.error as error:
-        raise ValueError(f"invalid regular expression {pattern!r}: {error}") from None
+        finite = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    except OverflowError:  # an integer past the largest float: 10**400
+        finite = False
+    if not finite:
+        shown = f"a number of {len(str(value))} digits" if isinstance(value, int) else repr(value)
+        raise ValueError(f"{name} must be a finite number, got {shown}")
 
 
-def matches_target(spec: list[str] | str | None, module_name: str) -> bool:
-    """Whether `module_name` is picked by a name list (exact or "."-suffix) or a regex (full match)."""
+def _token_indices(indices: Any) -> list[int] | dict[str, list[int]] | None:
+    """trainable_token_indices checked: None, a list of token ids, or {module name: list of token ids}."""
+    if indices is None:
+        return None
+    by_module = indices if isinstance(indices, dict) else {"": indices}
+    for name, ids in by_module.items():
+        if (
+            not isinstance(ids, list | tuple)
+            or not ids
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids)
+        ):
+            where = f"[{name!r}]" if name else ""
+            raise ValueError(f"trainable_token_indices{where} must be a list of token ids, got {ids!r}")
+    return {name: list(ids) for name, ids in indices.items()} if isinstance(indices, dict) else list(indices)
+
+
+def _check_targets(name: str, spec: Any) -> None:
+    """Refuses a `target_modules`-like field that is neither None, a regular expression nor a list of names."""
+    if isinstance(spec, str):
+        check_pattern(spec, name)
+    elif spec is not None and not (isinstance(spec, list) and all(isinstance(item, str) for item in spec)):
+        raise ValueError(f"{name} must be a list of module names or a regular expression, got {spec!r}")
+
+
+def matches_target(spec: list[str] | str | None, module_name: str, key: str = "target_modules") -> bool:
+    """Whether `module_name` is picked by a name list (exact or "."-suffix) or a regex (full match, in bounded
+    time: lorakit.io.untrusted.fullmatch; `key` names the config field in its error)."""
     if spec is None:
         return False
     if isinstance(spec, str):
-        return re.fullmatch(spec, module_name) is not None
+        return fullmatch(spec, module_name, key)
     return any(module_name == name or module_name.endswith("." + name) for name in spec)
 
 
-def within_target(spec: list[str] | str | None, module_name: str) -> bool:
+def within_target(spec: list[str] | str | None, module_name: str, key: str = "modules_to_save") -> bool:
     """Whether `module_name` or a module containing it is picked by `spec` (see `matches_target`)."""
     parts = module_name.split(".")
-    return any(matches_target(spec, ".".join(parts[:end])) for end in range(1, len(parts) + 1))
+    return any(matches_target(spec, ".".join(parts[:end]), key) for end in range(1, len(parts) + 1))
 
 
 def targets_from_text(text: str | None) -> list[str] | str | None:
@@ -215,14 +266,15 @@ def targets_from_text(text: str | None) -> list[str] | str | None:
     if text is None or text == ALL_LINEAR:
         return text
     if any(char in REGEX_SYNTAX for char in text):
-        _check_regex(text)
+        check_pattern(text, "--targets")
         return text
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-    """The value of the first pattern that matches the end of `module_name` at a "." boundary."""
+def pattern_value(patterns: dict[str, Any], module_name: str, default: Any, key: str = "rank_pattern") -> Any:
+    """The value of the first pattern that matches the end of `module_name` at a "." boundary (in bounded time;
+    `key` names the config field in its error)."""
     for pattern, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name):
+        if fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name, f"{key}[{pattern!r}]"):
             return value
     return default

@@ -11,6 +11,8 @@ wherever it answers None. Two cases are worth a path of their own:
   tokens on by count; the path takes it from 2·in·out / (in + out) on, a margin above the break-even measured
   on CPU (float32/64 only: in half precision it would round the small update into W's precision).
 
+A DoRA adapter (lorakit.engine.dora) takes its own node, `DoraLinearFunction`, where no dropout is in effect.
+
 tests/engine/test_fused.py holds both to the plain formula, values and gradients; bench/NOTES.md has the
 measurements behind each choice.
 """
@@ -22,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as module_hooks  # the hooks registered for all modules
+
+from lorakit.engine import dora
 
 if TYPE_CHECKING:
     from lorakit.engine.layers import LoraLinear
@@ -90,6 +94,11 @@ def _one_adapter(layer: LoraLinear, x: torch.Tensor, name: str) -> torch.Tensor 
     if x.is_meta or not (dtype == W.dtype == A.dtype == B.dtype) or torch.is_autocast_enabled(x.device.type):
         return None  # shapes only, mixed dtypes, or autocast choosing one per op
     scale, p = layer.scale[name], layer.dropout[name]
+    if name in layer.lora_magnitude:  # DoRA; with dropout in effect, the plain formula
+        return None if p > 0 and layer.training else dora.linear_forward(layer, x, name)
+    if name in layer.lora_bias:  # lora_bias: s · B's bias adds to the layer's own
+        lora_bias = layer.lora_bias[name] * scale
+        bias = lora_bias if bias is None else bias + lora_bias
     x_lora = F.dropout(x, p, True) if p > 0 and layer.training else None
     needs_grad = x.requires_grad or A.requires_grad or B.requires_grad or W.requires_grad
     if torch.is_grad_enabled() and (needs_grad or (bias is not None and bias.requires_grad)):

@@ -6,12 +6,15 @@ For a wrapped weight W (out × in) and each active adapter with factors A (r × 
 
 The low-rank path is applied factored, never as W + s·BA: two thin matmuls and no out × in weight
 gradient. B starts at zero: a fresh adapter leaves the outputs exactly as they were. `LoraLayer.forward` is
-that formula, plainly; LoraLinear computes the same through lorakit.engine.fused where it can.
+that formula, plainly; LoraLinear computes the same through lorakit.engine.fused where it can. A DoRA adapter
+(one with a magnitude, `lora_magnitude`) adds what lorakit.engine.dora says instead.
 
 One class per kind of base layer, each saying how its update is applied and what it is as a full weight:
 - LoraLinear: nn.Linear, and transformers' Conv1D (GPT-2), whose weight is stored (in × out);
 - LoraEmbedding: A (r × num_embeddings), B (dim × r), the update looked up like an embedding;
 - LoraConv: nn.Conv1d/2d/3d, A a conv with the base's kernel, stride and padding, B a 1×1 conv.
+Beside them: nn.MultiheadAttention (lorakit.engine.attention), a parameter that is not a module's weight
+(lorakit.engine.parameters) and quantized linears (lorakit.engine.quantized).
 ModuleCopies, for `modules_to_save`, holds full trainable copies of a module, one per adapter.
 """
 
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.engine import fused
+from lorakit.engine import dora, fused
 
 __all__ = [
     "LoraConv",
@@ -67,15 +70,33 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.routing: PerSampleRouting | None = None
         self._stack_cache: tuple | None = None  # mixed batches: stacked factors, reused while unchanged
+        self.lora_bias = nn.ParameterDict()  # lora_bias: B's own bias (out,) of each adapter that has one
+        self.lora_magnitude = nn.ParameterDict()  # DoRA: the magnitude m of each adapter that has one
+        self.dora_cache: dict[str, tuple] = {}  # DoRA: norms kept while W, A and B are unchanged
+        self.merged_scales: dict[str, torch.Tensor] = {}  # DoRA: c of each merged adapter, what unmerge needs
         self.train(base.training)  # a model in eval mode stays in eval mode (dropout!)
 
     # -- what subclasses define --------------------------------------------------------------------
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NotImplementedError
 
-    def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """s · B A applied to x (dropout included), shaped like the base output."""
+    def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """s · B A applied to x, shaped like the base output."""
         raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """s · B A applied to dropout(x), shaped like the base output."""
+        return self.low_rank(self.dropped(x, name), name)
+
+    def as_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (base.weight's shape) as a view with one row per output: out × (in · kernel)."""
+        return weight.flatten(1)
+
+    def merge_refusal(self, names: list[str]) -> str | None:
+        """Why adapters `names` cannot be folded into this layer's weights, if they cannot."""
+        if any(name in self.lora_bias for name in names) and getattr(self.base, "bias", None) is None:
+            return "lora_bias adds to the layer's bias when merged, and the layer has none"
+        return None
 
     def delta_from(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         """Factors A, B at scale s as a full update of base.weight (same shape)."""
@@ -88,13 +109,25 @@ class LoraLayer(nn.Module):
     # -- adapters ----------------------------------------------------------------------------------
     @property
     def weight(self) -> torch.Tensor:
+        """The weight the adapters update: base.weight (a subclass may name another parameter)."""
         return self.base.weight
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
     def add_adapter(
-        self, name: str, r: int, scale: float, dropout: float, init: str | bool, init_std: float | None = None
+        self,
+        name: str,
+        r: int,
+        scale: float,
+        dropout: float,
+        init: str | bool,
+        init_std: float | None = None,
+        lora_bias: bool = False,
     ) -> None:
         shape_A, shape_B = self.factor_shapes(r)
-        weight = self.base.weight
+        weight = self.weight
         factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
         A, B = torch.empty(shape_A, **factory), torch.empty(shape_B, **factory)
         self.init_factors(A, B, init, init_std)
@@ -102,6 +135,11 @@ class LoraLayer(nn.Module):
         self.lora_B[name] = nn.Parameter(B)
         self.scale[name] = scale
         self.dropout[name] = dropout
+        if lora_bias:  # zero, as PEFT's; random with init=False, as nn.Linear's own init of a bias
+            bias = torch.zeros(shape_B[0], **factory)
+            if init is False:
+                nn.init.uniform_(bias, -1 / math.sqrt(r), 1 / math.sqrt(r))
+            self.lora_bias[name] = nn.Parameter(bias)
 
     def init_factors(self, A: torch.Tensor, B: torch.Tensor, init: str | bool, init_std: float | None) -> None:
         """A random and B zero, so that ΔW = 0; with init=False both random (a non-zero update)."""
@@ -130,7 +168,7 @@ class LoraLayer(nn.Module):
         initial = self.initial_factors(name)
         if initial is not None:
             with torch.no_grad():
-                self.base.weight += self.delta_from(*initial, self.scale[name]).to(self.base.weight.dtype)
+                self.weight.add_(self.delta_from(*initial, self.scale[name]).to(self.weight.dtype))
             delattr(self, f"initial_A_{name}")
             delattr(self, f"initial_B_{name}")
 
@@ -140,6 +178,11 @@ class LoraLayer(nn.Module):
         self.restore_original_weight(name)
         del self.lora_A[name], self.lora_B[name]
         del self.scale[name], self.dropout[name]
+        if name in self.lora_bias:
+            del self.lora_bias[name]
+        if name in self.lora_magnitude:
+            del self.lora_magnitude[name]
+            self.dora_cache.pop(name, None)
         self._stack_cache = None
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
@@ -149,7 +192,7 @@ class LoraLayer(nn.Module):
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """y = base(x) + Σ over active, unmerged adapters of s · B A dropout(x)."""
-        y = self.base(x, *args, **kwargs)  # the frozen layer: x Wᵀ + b
+        y = self.base_output(x, *args, **kwargs)  # the frozen layer: x Wᵀ + b
         if self.disabled:
             return y
         if not x.is_meta and any(p.is_meta for p in [*self.lora_A.values(), *self.lora_B.values()]):
@@ -160,10 +203,17 @@ class LoraLayer(nn.Module):
                     f"a mixed batch names {self.routing.index.numel()} adapters for a batch of {x.shape[0]} samples"
                 )
             return self.add_per_sample(y, x, self.routing)
+        base_y = y
         for name in self.active_adapters:
-            if name not in self.merged_adapters:
+            if name in self.lora_magnitude and name not in self.merged_adapters:
+                y = y + dora.update(self, x, base_y, name).to(y.dtype)  # (c − 1) ⊙ W x + c ⊙ s · B A x
+            elif name not in self.merged_adapters:
                 y = y + self.adapter_output(x, name).to(y.dtype)  # s · B A dropout(x)
         return y
+
+    def base_output(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The frozen layer's output, base(x) (a quantized one computes it itself: lorakit.engine.quantized)."""
+        return self.base(x, *args, **kwargs)
 
     def dropped(self, x: torch.Tensor, name: str) -> torch.Tensor:
         p = self.dropout[name]
@@ -206,17 +256,48 @@ class LoraLayer(nn.Module):
         return A, B
 
     # -- merging -----------------------------------------------------------------------------------
+    def uses_dora(self, names: list[str]) -> bool:
+        return any(name in self.lora_magnitude for name in names)
+
+    def merged_weight(self, names: list[str]) -> torch.Tensor:
+        """The base weight with adapters `names` merged as well, computed, not written."""
+        new = [n for n in names if n in self.lora_A and n not in self.merged_adapters]
+        if self.uses_dora([*self.merged_adapters, *new]):
+            return dora.composed(self, [*self.merged_adapters, *new])[0]
+        merged = self.weight.detach().clone()
+        for name in new:
+            merged += self.delta_weight(name).detach().to(merged.dtype)
+        return merged
+
     def merge(self, names: list[str]) -> None:
-        for name in names:
-            if name in self.lora_A and name not in self.merged_adapters:
-                self.base.weight.data += self.delta_weight(name).to(self.base.weight.dtype)
-                self.merged_adapters.append(name)
+        new = [n for n in names if n in self.lora_A and n not in self.merged_adapters]
+        if self.uses_dora([*self.merged_adapters, *new]):  # DoRA scales W itself: recomposed from the base W
+            dora.set_merged(self, [*self.merged_adapters, *new])
+            return
+        for name in new:
+            self.weight.data += self.delta_weight(name).to(self.weight.dtype)
+            if name in self.lora_bias:  # s · B's bias joins the layer's
+                self.bias.data += (self.lora_bias[name] * self.scale[name]).to(self.bias.dtype)
+            self.merged_adapters.append(name)
 
     def unmerge(self, names: list[str] | None = None) -> None:
+        if self.uses_dora(self.merged_adapters):
+            dora.set_merged(self, [n for n in self.merged_adapters if names is not None and n not in names])
+            return
         for name in list(reversed(self.merged_adapters)):
             if names is None or name in names:
-                self.base.weight.data -= self.delta_weight(name).to(self.base.weight.dtype)
+                self.weight.data -= self.delta_weight(name).to(self.weight.dtype)
+                if name in self.lora_bias:
+                    self.bias.data -= (self.lora_bias[name] * self.scale[name]).to(self.bias.dtype)
                 self.merged_adapters.remove(name)
+
+    def routed_biases(self, routing: PerSampleRouting) -> torch.Tensor | None:
+        """s · B's bias of each sample's adapter in a mixed batch (batch, out); None where no adapter has one."""
+        biases = {n: self.lora_bias[n] * self.scale[n] for n in routing.names if n in self.lora_bias}
+        if not biases:
+            return None
+        zero = torch.zeros_like(next(iter(biases.values())))
+        return torch.stack([biases.get(n, zero) for n in routing.names])[routing.index]
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.rank(n)} s={self.scale[n]:g}" for n in self.lora_A)
@@ -231,8 +312,8 @@ class LoraLinear(LoraLayer):
         self.fan_in_fan_out = is_conv1d(base)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base.weight.shape
-        else:
-            self.out_features, self.in_features = base.weight.shape
+        else:  # as nn.Linear declares them: a quantized subclass stores its weight packed (bitsandbytes)
+            self.in_features, self.out_features = base.in_features, base.out_features
         # What the fast path (lorakit.engine.fused) reads on every call, set up once:
         # - it computes the base layer itself, so only for the plain classes, not subclasses (quantized
         #   linears and the like) whose forward may differ;
@@ -254,9 +335,12 @@ class LoraLinear(LoraLayer):
         y = fused.fast_forward(self, x, args, kwargs)
         return super().forward(x, *args, **kwargs) if y is None else y
 
-    def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        # (..., in) -> (..., r) -> (..., out)
-        return F.linear(F.linear(self.dropped(x, name), self.lora_A[name]), self.lora_B[name]) * self.scale[name]
+    def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        # (..., in) -> (..., r) -> (..., out), plus B's bias where the adapter has one
+        return F.linear(F.linear(x, self.lora_A[name]), self.lora_B[name], self.lora_bias.get(name)) * self.scale[name]
+
+    def as_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
 
     def delta_from(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         delta = (B @ A) * scale  # (out × in)
@@ -266,6 +350,9 @@ class LoraLinear(LoraLayer):
         """One gather and two batched matmuls for the whole mixed batch, the second accumulating into y."""
         A, B = self.stacked_factors(routing)  # (n, r_max, in), (n, out, r_max)
         batch = x.shape[0]
+        biases = self.routed_biases(routing)  # (batch, out)
+        if biases is not None:
+            y = y + biases.view(batch, *[1] * (y.dim() - 2), -1).to(y.dtype)
         h = x.reshape(batch, -1, self.in_features).to(A.dtype)  # (batch, L, in)
         h = self.per_sample_dropout(h, routing)
         h = torch.bmm(h, A[routing.index].mT)  # (batch, L, r_max)
@@ -292,6 +379,11 @@ class LoraEmbedding(LoraLayer):
         num, dim = self.base.weight.shape
         return (r, num), (dim, r)
 
+    def add_adapter(self, name: str, *args: Any, lora_bias: bool = False, **kwargs: Any) -> None:
+        if lora_bias:
+            raise ValueError("lora_bias is not supported on an Embedding (nor in PEFT)")
+        super().add_adapter(name, *args, **kwargs)
+
     def init_factors(self, A: torch.Tensor, B: torch.Tensor, init: str | bool, init_std: float | None) -> None:
         """As PEFT: A zero and B normal, so the update starts at zero; init=False: both normal."""
         if init is False:
@@ -307,9 +399,15 @@ class LoraEmbedding(LoraLayer):
         base = self.base
         return F.embedding(tokens, table, base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
 
-    def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        # (..., ) tokens -> (..., r) -> (..., dim); dropout does not apply to token ids
+    def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        # (..., ) tokens -> (..., r) -> (..., dim)
         return self.lookup(x, self.lora_A[name].T) @ self.lora_B[name].T * self.scale[name]
+
+    def dropped(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return x  # token ids: no dropout
+
+    def as_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T  # one row per embedding dimension
 
     def delta_from(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
         return (B @ A).T * scale  # (num × dim)
@@ -323,23 +421,43 @@ class LoraEmbedding(LoraLayer):
 
 
 class LoraConv(LoraLayer):
-    """nn.Conv1d/2d/3d: A (r × in × kernel) convolves like the base, B (out × r × 1…) mixes channels."""
+    """nn.Conv1d/2d/3d: A (r × in × kernel) convolves like the base, B (out × r × 1…) mixes channels.
+
+    A grouped convolution (groups g > 1) gets PEFT's adapter: A reads every input channel, B is grouped
+    (out × r/g × 1…), r a multiple of g. Its update mixes channels across groups, which the grouped weight cannot
+    hold: such a layer is never merged.
+    """
 
     def __init__(self, base: nn.Module):
-        if base.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported")
         super().__init__(base)
         self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base.weight.dim() - 2]
 
-    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        out_channels, in_channels, *kernel = self.base.weight.shape
-        return (r, in_channels, *kernel), (out_channels, r, *([1] * len(kernel)))
+    def merge_refusal(self, names: list[str]) -> str | None:
+        if self.base.groups > 1:
+            return (
+                f"a grouped convolution (groups={self.base.groups}) cannot take the adapter into its weight: the "
+                "update reads every input channel, each group of the weight only its own"
+            )
+        return super().merge_refusal(names)
 
-    def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        h = self.base._conv_forward(self.dropped(x, name), self.lora_A[name], None)  # base's stride and padding
-        return self.conv(h, self.lora_B[name]) * self.scale[name]
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        groups = self.base.groups
+        if r % groups:
+            raise ValueError(f"rank {r} on a convolution with groups={groups}: the rank must be a multiple of groups")
+        out_channels, _, *kernel = self.base.weight.shape
+        return (r, self.base.in_channels, *kernel), (out_channels, r // groups, *([1] * len(kernel)))
+
+    def low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        base, A = self.base, self.lora_A[name]
+        if base.groups == 1:
+            h = base._conv_forward(x, A, None)  # the base's stride, padding and dilation
+        else:  # A over every input channel, as in PEFT
+            h = self.conv(x, A, None, base.stride, base.padding, base.dilation)
+        return self.conv(h, self.lora_B[name], self.lora_bias.get(name), groups=base.groups) * self.scale[name]
 
     def delta_from(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.base.groups > 1:
+            raise ValueError(self.merge_refusal([]))
         return (B.flatten(1) @ A.flatten(1)).view(self.base.weight.shape) * scale
 
 
@@ -387,6 +505,12 @@ class ModuleCopies(nn.Module):
 
 def wrap_module(module: nn.Module) -> LoraLayer:
     """The LoRA layer for a supported module type, or a clear error."""
+    from lorakit.engine import attention, quantized  # they build on LoraLinear: imported here, not at the top
+
+    if quantized.is_quantized_linear(module):
+        return quantized.QuantizedLoraLinear(module)
+    if isinstance(module, nn.MultiheadAttention):
+        return attention.LoraMultiheadAttention(module)
     if isinstance(module, nn.Linear) or is_conv1d(module):
         return LoraLinear(module)
     if isinstance(module, nn.Embedding):
@@ -395,5 +519,5 @@ def wrap_module(module: nn.Module) -> LoraLayer:
         return LoraConv(module)
     raise ValueError(
         f"cannot put LoRA on a {type(module).__name__}: supported are nn.Linear, transformers Conv1D, "
-        "nn.Embedding and nn.Conv1d/2d/3d"
+        "nn.Embedding, nn.Conv1d/2d/3d and nn.MultiheadAttention"
     )

@@ -13,7 +13,9 @@ as `.base`; every other parameter is frozen. The adapters' configs live on the m
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.engine import dora, fused
 from lorakit.engine.config import ALL_LINEAR, LoraConfig, is_svd_init, matches_target, within_target
 from lorakit.engine.layers import (
     LoraEmbedding,
@@ -30,9 +33,21 @@ from lorakit.engine.layers import (
     is_conv1d,
     wrap_module,
 )
-from lorakit.engine.peft_format import bias_key, factor_keys, module_key
+from lorakit.engine.parameters import parameter_layers
+from lorakit.engine.peft_format import (
+    FLOAT_TYPES,
+    bias_key,
+    factor_keys,
+    lora_bias_key,
+    magnitude_key,
+    module_key,
+    token_rows_key,
+)
+from lorakit.engine.quantized import dequantize_linears, parameter_numel
 from lorakit.engine.state import drop_state, read_state, write_state
 from lorakit.engine.svd_init import check_svd_init, initialise_from_weight
+from lorakit.engine.tokens import TrainableTokens, token_targets
+from lorakit.io.untrusted import check_memory
 
 __all__ = [
     "BASE",
@@ -81,6 +96,29 @@ def module_copies(model: nn.Module) -> Iterator[tuple[str, ModuleCopies]]:
             yield name, module
 
 
+def token_layers(model: nn.Module) -> Iterator[tuple[str, TrainableTokens]]:
+    """(path, wrapper) for every module with trainable token rows (trainable_token_indices)."""
+    for name, module in model.named_modules():
+        if isinstance(module, TrainableTokens):
+            yield name, module
+
+
+def peft_path(model: nn.Module, path: str) -> str:
+    """PEFT's name of module `path`: a LoRA layer inside another one (nn.MultiheadAttention's out_proj, a
+    module's second targeted parameter) sits in that one's `base`, which PEFT calls `base_layer`."""
+    parts, module = [], model
+    for part in path.split("."):
+        parts.append("base_layer" if part == "base" and isinstance(module, LoraLayer) else part)
+        module = getattr(module, part)
+    return ".".join(parts)
+
+
+def is_nested(model: nn.Module, path: str) -> bool:
+    """Whether LoRA layer `path` sits inside another LoRA layer."""
+    parts = path.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:end])), LoraLayer) for end in range(1, len(parts)))
+
+
 def candidate_modules(model: nn.Module, prefix: str = "", into_copies: bool = False) -> Iterator[tuple[str, nn.Module]]:
     """Every named module a config can target, in order: wrappers count as their path, insides are skipped;
     with into_copies, the original inside each modules_to_save wrapper is walked too (a model without the
@@ -90,7 +128,7 @@ def candidate_modules(model: nn.Module, prefix: str = "", into_copies: bool = Fa
         yield name, child
         if isinstance(child, ModuleCopies) and into_copies:
             yield from candidate_modules(child.original, name, into_copies)
-        elif not isinstance(child, LoraLayer | ModuleCopies):
+        elif not isinstance(child, LoraLayer | ModuleCopies | TrainableTokens):
             yield from candidate_modules(child, name, into_copies)
 
 
@@ -123,10 +161,9 @@ def refuse_tied(model: nn.Module, paths: list[str], why: str) -> None:
     """Refuses to rewrite the base weight of module `path` where the model also uses that weight under another
     name (a tied embedding and output head): `why` says what would happen and what to do instead."""
     for path in paths:
-        module = model.get_submodule(path)
-        weight = module.base.weight if isinstance(module, LoraLayer) else module.weight
-        own = {f"{path}.weight", f"{path}.base.weight"}
-        others = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight and n not in own]
+        weight = model.get_submodule(path).weight  # a LoRA layer's: the one its adapters update
+        names = model.named_parameters(remove_duplicate=False)
+        others = [n for n, p in names if p is weight and not n.startswith(f"{path}.")]
         if others:
             raise ValueError(f"{path}.weight is tied to {others[0]}: {why}")
 
@@ -143,7 +180,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         else:
             hit = matches_target(config.target_modules, name)
         # a module inside a full trainable copy (modules_to_save) gets no adapter of its own, as in PEFT
-        excluded = matches_target(config.exclude_modules, name) or within_target(config.modules_to_save, name)
+        excluded = matches_target(config.exclude_modules, name, "exclude_modules") or within_target(
+            config.modules_to_save, name
+        )
         if hit and not excluded and name in never_called:
             raise ValueError(
                 f"{name} is the out_proj of an nn.MultiheadAttention, which uses its weight without calling it: "
@@ -151,10 +190,14 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             )
         if hit and not excluded:
             found.append(name)
+    names = [name for name, _ in candidate_modules(model)]
     if not found:
-        names = [name for name, _ in candidate_modules(model)]
         shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (", …" if len(names) > MAX_NAMES_SHOWN else "")
         raise ValueError(f"target_modules={config.target_modules!r} matches no module; the model has: {shown}")
+    if isinstance(config.target_modules, list):  # a mistyped name would leave its layers untrained without a word
+        for target in config.target_modules:
+            if not any(matches_target([target], name) for name in names):
+                warnings.warn(f"target_modules name {target!r} matches no module of the model", stacklevel=3)
     return found
 
 
@@ -196,6 +239,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
             a module that carries adapters; an SVD init on a layer it cannot start from (not Linear or Conv1D,
             r above min(out, in), alpha 0) or on a tied weight; adapters merged into the base weights.
         RuntimeError: called inside `lk.disabled(model)`.
+
+    Warns:
+        UserWarning: a name of a `target_modules` list that matches no module (while others do), one warning
+            per name.
     """
     if not isinstance(adapter, str) or not ADAPTER_NAME.fullmatch(adapter) or adapter == BASE:
         raise ValueError(f"adapter names are letters, digits, '_' and '-' (not {BASE!r}), got {adapter!r}")
@@ -203,18 +250,31 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
         raise ValueError(f"the model already has an adapter named {adapter!r}; delete it first or pick another name")
     check_not_disabled(model, "add an adapter")
     check_merged_stay_active(model, [adapter])  # the new adapter becomes the only active one
-    targets = find_targets(model, config)
+    targets = find_targets(model, config) if config.target_modules or not config.target_parameters else []
     # wrap everything first, so that an unsupported module fails before the model is touched
-    layers = {}
+    layers, keys = {}, {}  # path -> layer, and the name its rank_pattern and alpha_pattern match
     for path in targets:
         module = model.get_submodule(path)
-        layers[path] = module if isinstance(module, LoraLayer) else wrap_module(module)
-    copy_paths = [name for name, _ in candidate_modules(model) if matches_target(config.modules_to_save, name)]
+        layers[path], keys[path] = module if isinstance(module, LoraLayer) else wrap_module(module), path
+    if config.target_parameters:
+        for path, layer, key in parameter_targets(model, config, targets):
+            layers[path], keys[path] = layer, key
+    token_paths = {}
+    if config.trainable_token_indices is not None:
+        token_paths = token_targets(model, config.trainable_token_indices, list(candidate_modules(model)))
+    for path in token_paths:
+        if path in layers:
+            raise ValueError(f"{path} cannot take both a LoRA adapter and trainable_token_indices")
+    copy_paths = [
+        name for name, _ in candidate_modules(model) if matches_target(config.modules_to_save, name, "modules_to_save")
+    ]
     if config.modules_to_save and not copy_paths:
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matches no module")
     for path in copy_paths:
         if any(isinstance(m, LoraLayer) for m in model.get_submodule(path).modules()):
             raise ValueError(f"{path} carries LoRA adapters and cannot also be a full trainable copy (modules_to_save)")
+    ranks = {path: config.rank_for(keys[path]) for path in layers}
+    check_memory(factor_bytes(layers, ranks), f"adapter {adapter!r} (r={config.r})")  # before any is allocated
 
     from_weight = is_svd_init(config.init)
     if from_weight:  # every layer checked before the first weight is rewritten
@@ -228,11 +288,19 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
     try:
         for path, layer in layers.items():
             layer.add_adapter(
-                adapter, config.rank_for(path), config.scale_for(path), config.dropout, config.init, config.init_std
+                adapter,
+                config.rank_for(keys[path]),
+                config.scale_for(keys[path]),
+                config.dropout,
+                config.init,
+                config.init_std,
+                lora_bias=config.lora_bias,
             )
             done.append(path)
             if from_weight:
                 initialise_from_weight(layer, adapter, config.init)
+            if config.use_dora:  # m = ‖W + s·B·A‖ of the factors as they start
+                dora.add_magnitude(layer, adapter)
     except BaseException:
         for path in done:
             layer = layers[path]
@@ -248,10 +316,49 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
         copies = module if isinstance(module, ModuleCopies) else ModuleCopies(module)
         copies.add_copy(adapter)
         _set_module(model, path, copies)
+    for path, ids in token_paths.items():
+        add_trainable_tokens(model, path, ids, adapter, config.init)
     write_state(model).configs[adapter] = config
     set_adapter(model, adapter)
     mark_trainable(model, adapter)
     return model
+
+
+def parameter_targets(model: nn.Module, config: LoraConfig, module_targets: list[str]) -> list:
+    """(path, layer, parameter key) of the parameters `config.target_parameters` picks (lorakit.engine.parameters)."""
+    found = parameter_layers(candidate_modules(model), config.target_parameters)
+    if not found:
+        raise ValueError(f"target_parameters={config.target_parameters!r} matches no parameter of the model")
+    owners = {key.rpartition(".")[0] for _, _, key in found}
+    for owner in owners:
+        if owner in module_targets:
+            raise ValueError(f"{owner} is picked by both target_modules and target_parameters")
+        inner = next((other for other in owners if other.startswith(f"{owner}.")), None)
+        if inner is not None:  # PEFT fails on these too
+            raise ValueError(f"target_parameters pick parameters of {owner} and of {inner} inside it: pick one of them")
+    return found
+
+
+def add_trainable_tokens(model: nn.Module, path: str, ids: list[int], adapter: str, init: str | bool) -> None:
+    """Rows `ids` of module `path` train with `adapter` (lorakit.engine.tokens); an output layer tied to its
+    weight reads the same rows, as in PEFT."""
+    module = model.get_submodule(path)
+    tokens = module if isinstance(module, TrainableTokens) else TrainableTokens(module)
+    tokens.add_adapter(adapter, ids, init)
+    _set_module(model, path, tokens)
+    for other_path, other in list(candidate_modules(model)):
+        if isinstance(other, nn.Linear) and other.weight is tokens.base.weight:
+            _set_module(model, other_path, TrainableTokens(other, source=tokens))
+
+
+def factor_bytes(layers: dict[str, LoraLayer], ranks: dict[str, int]) -> int:
+    """The bytes of the factors of rank `ranks[path]` on `layers` ({path: layer}), in the dtype each is made in."""
+    total = 0
+    for path, layer in layers.items():
+        weight = layer.weight
+        size = weight.element_size() if weight.is_floating_point() else 4  # float32 beside a quantized weight
+        total += size * sum(math.prod(shape) for shape in layer.factor_shapes(ranks[path]))
+    return total
 
 
 def mark_trainable(model: nn.Module, adapter: str) -> None:
@@ -276,11 +383,15 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
         ValueError: the model has no adapter named `adapter`.
     """
     check_known(model, [adapter])
-    for path, layer in list(lora_layers(model)):
+    for path, layer in reversed(list(lora_layers(model))):  # the innermost first: their paths pass through others
         if adapter in layer.lora_A:
             layer.remove_adapter(adapter)
             if not layer.lora_A:
                 _set_module(model, path, layer.base)
+    for path, tokens in list(token_layers(model)):
+        tokens.remove_adapter(adapter)
+        if not tokens.table().rows:
+            _set_module(model, path, tokens.base)
     for path, copies in list(module_copies(model)):
         if adapter in copies.copies:
             del copies.copies[adapter]
@@ -312,7 +423,8 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def check_merged_stay_active(model: nn.Module, names: list[str]) -> None:
     """A merged adapter is part of the base weights: it cannot be switched off by making others active."""
-    merged = {name for _, layer in lora_layers(model) for name in layer.merged_adapters}
+    layers = [*lora_layers(model), *token_layers(model)]
+    merged = {name for _, layer in layers for name in layer.merged_adapters}
     if merged - set(names):
         raise ValueError(
             f"adapters {sorted(merged - set(names))} are merged into the base weights: "
@@ -342,6 +454,8 @@ def set_adapter(model: nn.Module, adapters: str | list[str]) -> None:
         layer.active_adapters = [n for n in names if n in layer.lora_A]
     for _, copies in module_copies(model):
         copies.active_adapters = [n for n in names if n in copies.copies]
+    for _, tokens in token_layers(model):
+        tokens.active_adapters = [n for n in names if tokens.has(n)]
     write_state(model).active = names
 
 
@@ -362,8 +476,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         RuntimeError: adapters are merged into the base weights (`unmerge` first).
     """
-    switches = [m for _, m in lora_layers(model)] + [m for _, m in module_copies(model)]
-    if any(isinstance(m, LoraLayer) and m.merged_adapters for m in switches):
+    switches = [m for _, m in [*lora_layers(model), *module_copies(model), *token_layers(model)]]
+    if any(not isinstance(m, ModuleCopies) and m.merged_adapters for m in switches):
         raise RuntimeError("adapters are merged into the base weights: lk.unmerge(model) before disabling them")
     previous = [m.disabled for m in switches]
     for m in switches:
@@ -400,25 +514,58 @@ def merge(model: nn.Module, safe: bool = False) -> None:
         safe: check every merged weight for NaN and inf before any weight changes.
 
     Raises:
-        ValueError: a weight to merge into is tied to another parameter (a tied embedding and output head),
-            or, with safe=True, a merged weight would hold NaN or inf.
+        ValueError: a weight to merge into is tied to another parameter (a tied embedding and output head); an
+            adapter's tensors on the meta device or on another device than the weight, or factors that are not
+            of one floating-point dtype (`check_foldable`); with safe=True, a merged weight would hold NaN or inf.
         RuntimeError: called inside `lk.disabled(model)`.
     """
     check_not_disabled(model, "merge")
     layers = [(path, layer) for path, layer in lora_layers(model)]
     to_merge = [path for path, layer in layers if set(layer.active_adapters) - set(layer.merged_adapters)]
     refuse_tied(model, to_merge, "merging would change both; keep the adapter unmerged, or untie the weights first")
+    for path, layer in layers:
+        refusal = layer.merge_refusal([n for n in layer.active_adapters if n not in layer.merged_adapters])
+        if refusal and path in to_merge:
+            raise ValueError(f"cannot merge into {path}: {refusal}")
+        check_foldable(path, model.get_submodule(path))
     if safe:
         for path, layer in layers:
             pending = [n for n in layer.active_adapters if n not in layer.merged_adapters]
-            merged = layer.base.weight.detach().clone()
-            for name in pending:
-                merged += layer.delta_weight(name).detach().to(merged.dtype)
+            merged = layer.merged_weight(pending)
             if not torch.isfinite(merged).all():
                 raise ValueError(f"merging {pending} into {path} gives NaN or inf; no weight was changed")
+    tokens = [layer for _, layer in token_layers(model)]
+    for layer in tokens:
+        layer.check_disjoint(layer.active_adapters)
     with torch.no_grad():
         for _, layer in layers:
             layer.merge(layer.active_adapters)
+    for layer in tokens:
+        layer.merge(layer.active_adapters)
+
+
+def check_foldable(path: str, layer: LoraLayer) -> None:
+    """Refuses to fold into layer `path` what its forward pass refuses to run: an active adapter's tensors on the
+    meta device beside a real weight (they hold no values: folding them would add uninitialised memory to W), on
+    another device than the weight, or whose factors are not two tensors of one floating-point dtype."""
+    weight = layer.weight
+    for name in [n for n in layer.active_adapters if n not in layer.merged_adapters]:
+        tensors = [layer.lora_A[name], layer.lora_B[name]]
+        tensors += [layer.lora_magnitude[name]] if name in layer.lora_magnitude else []
+        for tensor in tensors:
+            if tensor.is_meta and not weight.is_meta:
+                raise ValueError(f"cannot merge adapter {name!r} into {path}: {fused.FACTORS_ON_META}")
+            if tensor.device != weight.device:
+                raise ValueError(
+                    f"cannot merge adapter {name!r} into {path}: its tensors are on {tensor.device}, the weight on "
+                    f"{weight.device}"
+                )
+        A, B = tensors[:2]
+        if A.dtype != B.dtype or A.dtype not in FLOAT_TYPES:
+            raise ValueError(
+                f"cannot merge adapter {name!r} into {path}: its factors are {A.dtype} and {B.dtype}, where the "
+                "forward pass takes two factors of one of float16, bfloat16, float32 and float64"
+            )
 
 
 def unmerge(model: nn.Module) -> None:
@@ -430,9 +577,11 @@ def unmerge(model: nn.Module) -> None:
     with torch.no_grad():
         for _, layer in lora_layers(model):
             layer.unmerge()
+    for _, tokens in token_layers(model):
+        tokens.unmerge()
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Plain torch modules with the active adapters folded in: no lorakit class is left in the model.
 
     Inactive adapters are dropped; one initialised from the weight (PiSSA, MiLoRA, OLoRA) gives its share of W
@@ -441,6 +590,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     Args:
         model: a model with adapters.
+        dequantize: turn every quantized linear (bitsandbytes 4- or 8-bit) into an nn.Linear holding its
+            dequantized weight plus the active adapters, added in float32 and rounded once to the model's dtype
+            (lorakit.engine.quantized). Without it, adapters are merged into the quantized weights, rounded to
+            their bits.
 
     Returns:
         The model, changed in place, with lorakit's bookkeeping removed.
@@ -449,6 +602,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         ValueError: a weight to merge into is tied to another parameter.
         RuntimeError: called inside `lk.disabled(model)`.
     """
+    if dequantize:
+        check_not_disabled(model, "merge")
+        dequantize_linears(model)
     merge(model)
     for _, layer in lora_layers(model):
         for name in layer.lora_A:
@@ -477,7 +633,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _strip(model: nn.Module, keep_copies: bool) -> nn.Module:
-    for path, layer in list(lora_layers(model)):
+    for path, layer in reversed([*lora_layers(model), *token_layers(model)]):  # the innermost first
         _set_module(model, path, layer.base)
     for path, copies in list(module_copies(model)):
         _set_module(model, path, copies.current() if keep_copies else copies.original)
@@ -495,10 +651,11 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
         model: any PyTorch model.
 
     Returns:
-        (trainable, total): the elements of the parameters that require gradients, and of all parameters.
+        (trainable, total): the elements of the parameters that require gradients, and of all parameters (a 4-bit
+        weight counts the values it holds, two to a stored byte).
     """
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(parameter_numel(p) for p in params if p.requires_grad), sum(parameter_numel(p) for p in params)
 
 
 def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
@@ -524,7 +681,9 @@ def adapter_parameters(model: nn.Module, adapter: str = "default") -> dict[str, 
     """The live parameters that make up one adapter, under PEFT's file keys:
 
     - `base_model.model.<path>.lora_A.weight` / `.lora_B.weight` (Embedding: `.lora_embedding_A` /
-      `.lora_embedding_B`, no `.weight`);
+      `.lora_embedding_B`, no `.weight`), and where the adapter has them `.lora_B.bias` (lora_bias) and
+      `.lora_magnitude_vector` (DoRA); a layer inside another (`peft_path`) under PEFT's `base_layer`;
+    - trained token rows under `<path>.token_adapter.trainable_tokens_delta`;
     - each `modules_to_save` copy's parameters under the module's own path, `base_model.model.<path>.<param>`;
     - the biases the config trains (bias "all" or "lora_only"): an adapted layer's as `<path>.base_layer.bias`,
       any other under its plain path.
@@ -532,13 +691,21 @@ def adapter_parameters(model: nn.Module, adapter: str = "default") -> dict[str, 
     check_known(model, [adapter])
     params = {}
     for path, layer in lora_layers(model):
+        path = peft_path(model, path)
         if adapter in layer.lora_A:
             a_key, b_key = factor_keys(path, "embedding" if isinstance(layer, LoraEmbedding) else "linear")
             params[a_key], params[b_key] = layer.lora_A[adapter], layer.lora_B[adapter]
+        if adapter in layer.lora_bias:
+            params[lora_bias_key(path)] = layer.lora_bias[adapter]
+        if adapter in layer.lora_magnitude:
+            params[magnitude_key(path)] = layer.lora_magnitude[adapter]
     for path, copies in module_copies(model):
         if adapter in copies.copies:
             for name, p in copies.copies[adapter].named_parameters():
                 params[module_key(path, name)] = p
+    for path, tokens in token_layers(model):
+        if adapter in tokens.rows:
+            params[token_rows_key(path)] = tokens.rows[adapter]
     params.update(trained_biases(model, adapter))
     return params
 
@@ -548,7 +715,9 @@ def trained_biases(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
     bias = configs(model)[adapter].bias
     if bias == "none":
         return {}
-    wrapped = {f"{path}.base.bias": (path, adapter in layer.lora_A) for path, layer in lora_layers(model)}
+    wrapped = {
+        f"{path}.base.bias": (peft_path(model, path), adapter in layer.lora_A) for path, layer in lora_layers(model)
+    }
     copies = tuple(f"{path}." for path, _ in module_copies(model))
     found = {}
     for name, p in model.named_parameters():
@@ -598,6 +767,10 @@ def per_sample(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Module
     """
     names = [BASE, *dict.fromkeys(n for n in adapter_names if n != BASE)]
     check_known(model, names[1:])
+    for option, why in (("use_dora", "DoRA adapters"), ("trainable_token_indices", "trainable token rows")):
+        refused = [name for name in names[1:] if getattr(configs(model)[name], option)]
+        if refused:  # as in PEFT
+            raise ValueError(f"mixed batches do not take {why} ({', '.join(refused)}): run them in batches apart")
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged_adapters for layer in layers):
         raise RuntimeError("adapters are merged into the base weights: lk.unmerge(model) before a mixed batch")

@@ -7,6 +7,11 @@ Keys are `base_model.model.<module path>.<what>`:
 
     <path>.lora_A.weight / .lora_B.weight           factors of a Linear, Conv1D or Conv layer
     <path>.lora_embedding_A / .lora_embedding_B     factors of an Embedding (no ".weight")
+    <path>.lora_B.bias                              B's bias, with lora_bias
+    <path>.token_adapter.trainable_tokens_delta     trained token rows (trainable_token_indices), n × dim
+    <path>.base_layer.<...>                         a LoRA layer inside another: MultiheadAttention's out_proj,
+                                                    a module's further target_parameters
+    <path>.lora_magnitude_vector                    DoRA's magnitude, (out,); Embedding (dim,); conv (1, out, 1…)
     <path>.<param>                                  a modules_to_save copy's parameters, under the module's path
     <path>.base_layer.bias / <path>.bias            biases trained with bias="all" / "lora_only"
     <path>.base_layer.weight                        the whole base weight PEFT saves beside an adapted embedding
@@ -26,26 +31,35 @@ from typing import Any
 import torch
 
 from lorakit.engine.config import LoraConfig, is_svd_init
-from lorakit.io.files import read_json_object, read_safetensors, write_safetensors
+from lorakit.engine.peft_types import check_peft_types
+from lorakit.io.files import open_safetensors, read_json_object, read_safetensors, write_safetensors
 
 __all__ = [
     "CONFIG_NAME",
+    "FLOAT_TYPES",
     "PEFT_PREFIX",
     "UNSUPPORTED_PEFT_OPTIONS",
     "WEIGHTS_NAME",
     "a_key_parts",
     "base_weight_key",
     "bias_key",
+    "check_adapter_output",
     "config_from_peft",
     "config_to_peft",
     "doubled_rank_config",
     "factor_keys",
+    "factor_partner",
     "is_b_factor_key",
     "is_factor_key",
+    "lora_bias_key",
+    "magnitude_key",
     "module_key",
     "peft_config_dict",
     "read_adapter_config",
+    "read_adapter_header",
     "read_adapter_weights",
+    "token_rows_key",
+    "weights_path",
     "wrapper_key",
     "write_adapter_files",
 ]
@@ -54,6 +68,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # the endings of each kind of layer's factor keys, (A, B): conv layers' are the linear ones
+# the floating-point types an adapter's tensors may have, as torch and the safetensors header name them
+FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+STORED_FLOAT_TYPES = ("F16", "BF16", "F32", "F64")
 KEY_SUFFIXES = {
     "linear": ("lora_A.weight", "lora_B.weight"),
     "embedding": ("lora_embedding_A", "lora_embedding_B"),
@@ -62,14 +79,12 @@ KEY_SUFFIXES = {
 # PEFT LoRA options that change what a forward pass computes and that lorakit does not implement:
 # loading such a file silently would give wrong outputs, so it is refused.
 UNSUPPORTED_PEFT_OPTIONS = {
-    "use_dora": False,
     "layers_to_transform": None,
     "layer_replication": None,
-    "lora_bias": False,
     "megatron_config": None,
     "use_qalora": False,
-    "trainable_token_indices": None,
-    "target_parameters": None,
+    # ties the adapter of an embedding (modules_to_save or LoRA) to its tied output head as well
+    "ensure_weight_tying": False,
     # PEFT's other layer variants (aLoRA applies the adapter only after its invocation tokens, and so on)
     "alora_invocation_tokens": None,
     "arrow_config": None,
@@ -92,6 +107,21 @@ def factor_keys(path: str, kind: str) -> tuple[str, str]:
     """The keys of layer `path`'s A and B factors; `kind` is "linear" (Linear, Conv1D, Conv) or "embedding"."""
     a_suffix, b_suffix = KEY_SUFFIXES[kind]
     return module_key(path, a_suffix), module_key(path, b_suffix)
+
+
+def lora_bias_key(path: str) -> str:
+    """The key of layer `path`'s B bias (lora_bias)."""
+    return module_key(path, "lora_B.bias")
+
+
+def token_rows_key(path: str) -> str:
+    """The key of module `path`'s trained token rows (trainable_token_indices)."""
+    return module_key(path, "token_adapter.trainable_tokens_delta")
+
+
+def magnitude_key(path: str) -> str:
+    """The key of layer `path`'s DoRA magnitude."""
+    return module_key(path, "lora_magnitude_vector")
 
 
 def bias_key(path: str, wrapped: bool) -> str:
@@ -152,6 +182,10 @@ def config_to_peft(
         rank_pattern=dict(config.rank_pattern),
         alpha_pattern=dict(config.alpha_pattern),
         modules_to_save=config.modules_to_save,
+        use_dora=config.use_dora,
+        lora_bias=config.lora_bias,
+        trainable_token_indices=config.trainable_token_indices,
+        target_parameters=config.target_parameters,
     )
 
 
@@ -170,6 +204,10 @@ def peft_config_dict(
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
     modules_to_save: list[str] | None = None,
+    use_dora: bool = False,
+    lora_bias: bool = False,
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
+    target_parameters: list[str] | None = None,
 ) -> dict[str, Any]:
     """adapter_config.json's fields, as PEFT writes them for a LoRA adapter (the defaults: PEFT's own)."""
     return {
@@ -188,6 +226,10 @@ def peft_config_dict(
         "rank_pattern": rank_pattern or {},
         "alpha_pattern": alpha_pattern or {},
         "modules_to_save": modules_to_save,
+        "use_dora": use_dora,
+        "lora_bias": lora_bias,
+        "trainable_token_indices": trainable_token_indices,
+        "target_parameters": target_parameters,
         "inference_mode": True,
     }
 
@@ -207,6 +249,7 @@ def doubled_rank_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_peft(raw: dict[str, Any], where: str = CONFIG_NAME) -> LoraConfig:
     """A LoraConfig from the fields of a PEFT adapter_config.json."""
+    check_peft_types(raw, where)  # text for a flag, a list of numbers for targets, ...: refused before any use
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{where}: peft_type is {raw.get('peft_type')!r}; lorakit reads LoRA adapters only")
     for option, neutral in UNSUPPORTED_PEFT_OPTIONS.items():
@@ -229,6 +272,10 @@ def config_from_peft(raw: dict[str, Any], where: str = CONFIG_NAME) -> LoraConfi
             alpha_pattern=raw.get("alpha_pattern") or {},
             modules_to_save=raw.get("modules_to_save"),
             task_type=raw.get("task_type"),
+            use_dora=bool(raw.get("use_dora", False)),
+            lora_bias=bool(raw.get("lora_bias", False)),
+            trainable_token_indices=raw.get("trainable_token_indices") or None,
+            target_parameters=raw.get("target_parameters") or None,
         )
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from None
@@ -238,7 +285,9 @@ def config_from_peft(raw: dict[str, Any], where: str = CONFIG_NAME) -> LoraConfi
 
 
 def write_adapter_files(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """adapter_model.safetensors and adapter_config.json (PEFT's config dict) into an existing directory."""
+    """adapter_model.safetensors and adapter_config.json (PEFT's config dict) into an existing directory, the
+    tensors checked first (`check_adapter_output`): a refused adapter writes nothing."""
+    check_adapter_output(tensors)
     tensors = {key: t.detach().contiguous().cpu() for key, t in tensors.items()}
     write_safetensors(tensors, directory / WEIGHTS_NAME)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -253,11 +302,75 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     return read_json_object(directory / CONFIG_NAME)
 
 
-def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of `directory`/adapter_model.safetensors; a pickled adapter_model.bin is named, never read."""
+def weights_path(directory: Path) -> Path:
+    """`directory`/adapter_model.safetensors; where it is missing, a FileNotFoundError that names a pickled
+    adapter_model.bin found instead (never read)."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         pickled = [name for name in ("adapter_model.bin", "adapter_model.pt") if (directory / name).exists()]
         hint = f" ({pickled[0]} is a pickle, which lorakit never loads)" if pickled else ""
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}{hint}")
-    return read_safetensors(path)
+    return path
+
+
+def read_adapter_header(directory: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of `directory`/adapter_model.safetensors, read from its header alone: nothing is
+    allocated, so that shapes can be checked against the config and the model before anything is.
+
+    Raises:
+        FileNotFoundError: no weights file (see `weights_path`).
+        ValueError: a file that is not valid safetensors; a tensor that is not float16, bfloat16, float32 or
+            float64 (integers, booleans, complex numbers, float8), named.
+    """
+    path = weights_path(directory)
+    shapes = {}
+    with open_safetensors(path) as f:
+        for key in f.keys():  # noqa: SIM118 (the handle is no dict: not iterable)
+            tensor = f.get_slice(key)
+            if tensor.get_dtype() not in STORED_FLOAT_TYPES:
+                raise ValueError(
+                    f"{path.name}: {key} is of type {tensor.get_dtype()}; an adapter's tensors are float16, "
+                    "bfloat16, float32 or float64"
+                )
+            shapes[key] = tuple(tensor.get_shape())
+    return shapes
+
+
+def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of `directory`/adapter_model.safetensors, of a floating-point type lorakit computes in (see
+    `read_adapter_header`); a pickled adapter_model.bin is named, never read."""
+    read_adapter_header(directory)
+    return read_safetensors(weights_path(directory))
+
+
+def factor_partner(key: str) -> str | None:
+    """The key of the other factor of the same layer (B's for an A key, A's for a B key); None for a key that
+    is no factor."""
+    for a_suffix, b_suffix in KEY_SUFFIXES.values():
+        for mine, other in ((a_suffix, b_suffix), (b_suffix, a_suffix)):
+            if key.endswith("." + mine):
+                return key[: -len(mine)] + other
+    return None
+
+
+def check_adapter_output(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuses tensors that would make an adapter file no reader can use, before anything is written: a tensor
+    that is not float16, bfloat16, float32 or float64, or holds NaN or inf; a factor without its partner (an A
+    without its B, or the reverse), or with a dimension of size 0.
+
+    Raises:
+        ValueError: the first such tensor, naming its layer.
+    """
+    for key, t in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        if t.dtype not in FLOAT_TYPES:
+            raise ValueError(f"not writing the adapter: {name} is {t.dtype}, not float16, bfloat16, float32 or float64")
+        partner = factor_partner(key)
+        if partner is not None and partner not in tensors:
+            raise ValueError(f"not writing the adapter: {name} has no {partner.removeprefix(PEFT_PREFIX)} beside it")
+        if partner is not None and 0 in t.shape:
+            raise ValueError(f"not writing the adapter: {name} has shape {tuple(t.shape)}, with no elements")
+        if t.device.type == "meta":
+            raise ValueError(f"not writing the adapter: {name} is on the meta device, which holds no values")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"not writing the adapter: {name} holds NaN or inf")

@@ -29,6 +29,8 @@ def check_svd_init(layer: LoraLayer, path: str, init: str, r: int, scale: float)
     """Refuses a layer that `init` cannot start an adapter of rank r and scale s from."""
     if not isinstance(layer, LoraLinear):
         raise ValueError(f"init={init!r} works on Linear and Conv1D layers; {path} is not one")
+    if not layer.base.weight.is_floating_point():
+        raise ValueError(f"init={init!r} rewrites the weight, and {path}'s is quantized ({layer.base.weight.dtype})")
     shape = (layer.out_features, layer.in_features)
     if r > min(shape):
         raise ValueError(f"init={init!r} needs r <= min{shape} ({path}), got r={r}")

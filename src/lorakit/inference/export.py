@@ -12,7 +12,6 @@ Nothing is unpickled on the way: the base loads from safetensors only, the adapt
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -35,12 +34,16 @@ from lorakit.engine.peft_format import (
 )
 from lorakit.io.atomic import atomic_dir
 from lorakit.io.files import open_safetensors, read_json_object
+from lorakit.io.labels import LABELS_NAME, label_config, read_labels
+from lorakit.io.outputs import check_output as check_output_path
+from lorakit.training.config import DTYPES as DTYPE_NAMES
+from lorakit.training.config import saved_config
 from lorakit.training.models import load_model_and_tokenizer, take_run_chat_template
+from lorakit.training.quantize import BITS
 
-__all__ = ["DTYPES", "LABELS_NAME", "merge_to_directory"]
+__all__ = ["DTYPES", "classifier_labels", "merge_to_directory"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LABELS_NAME = "labels.json"  # beside a seq-cls adapter: class i is labels[i] (lorakit finetune writes it)
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # {"float32": torch.float32, ...}
 HEADS = ["classifier", "score"]  # the classification heads of transformers' sequence-classification models
 
 
@@ -49,15 +52,20 @@ def merge_to_directory(
     adapter: str | os.PathLike,
     out: str | os.PathLike,
     dtype: str | None = None,
+    bits: int | None = None,
 ) -> Path:
     """Writes the base model with the adapter folded into its weights as a transformers model directory.
 
     The model class follows the adapter's task_type: "SEQ_CLS" loads a sequence-classification model (its
-    number of labels from labels.json beside the adapter, which also names them in the config's id2label and
-    label2id, or else from the classification head saved in the adapter), any other a causal LM. The weights
+    labels from labels.json beside the adapter, which names them in the config's id2label and label2id, or else
+    counted from the classification head saved in the adapter), any other a causal LM. The weights
     are merged in the output dtype, or in float32 where the base loads in another dtype, so that each is
     rounded once. The config and tokenizer are saved as fine-tuning used them (a tokenizer without a pad token
     pads with its eos), with the base's own `use_cache`.
+
+    An adapter trained on a quantized base (QLoRA) learnt its update against the quantized weights Ŵ, not the
+    original W: the base then loads quantized as in training, and the merged model holds Ŵ + s·B·A in full
+    precision (`merge_and_unload(dequantize=True)`), computing what the model computed in training.
 
     The write is atomic: everything goes to a temporary directory beside `out` first, so a failure at any
     point leaves no `out` behind (and an existing empty `out` empty).
@@ -69,6 +77,8 @@ def merge_to_directory(
         out: the directory to write: new, or empty; never the model or adapter directory or inside them.
         dtype: the weights' dtype, "float32", "bfloat16" or "float16" (None: the base model's own, as its
             config.json states it, else as it loads).
+        bits: 4 or 8 for an adapter trained on a base quantized to so many bits (None: as the run that trained it
+            says in its train_config.json beside the adapter, and no quantization without one).
 
     Returns:
         `out`, as a Path.
@@ -78,50 +88,74 @@ def merge_to_directory(
         ValueError: an unknown dtype; `out` equal to or inside the model or adapter directory, or an existing
             `out` that is not an empty directory; a model directory transformers cannot load; an adapter that
             does not fit the model, or whose weight to merge into is tied to another (a tied embedding and
-            output head); a seq-cls adapter whose number of labels cannot be told.
+            output head); a seq-cls adapter whose number of labels cannot be told; a merged weight that holds NaN
+            or inf in `dtype` (nothing is written).
         OSError: the directory cannot be written.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model_dir, adapter_dir, out = (Path(p).expanduser() for p in (model, adapter, out))
+    model_dir, adapter_dir = (Path(p).expanduser() for p in (model, adapter))
     if not model_dir.is_dir():  # a local directory only: a name that is not one is never looked up on the hub
         raise FileNotFoundError(f"no model directory at {model_dir}")
     raw = read_adapter_config(adapter_dir)
     lora = config_from_peft(raw, str(adapter_dir / CONFIG_NAME))  # a config lorakit cannot load: refused now
     shapes = tensor_shapes(adapter_dir)
-    check_output(out, {"model": model_dir, "adapter": adapter_dir})
+    out = check_output(out, {"model": model_dir, "adapter": adapter_dir})  # as given: "" is no "."
 
     seq_cls = lora.task_type == "SEQ_CLS"
-    labels = read_labels(adapter_dir) if seq_cls else None
-    num_labels = None
-    if seq_cls:
-        num_labels = len(labels) if labels is not None else head_outputs(shapes)
-        if num_labels is None:
-            raise ValueError(
-                f"cannot tell the number of labels of the seq-cls adapter in {adapter_dir}: it saves no single "
-                f"classifier or score layer; write its labels, as a JSON list, to {adapter_dir / LABELS_NAME}"
-            )
-    base, tokenizer = load_model_and_tokenizer(str(model_dir), "seq-cls" if seq_cls else "causal-lm", num_labels)
+    labels = classifier_labels(adapter_dir, shapes) if seq_cls else None
+    num_labels = len(labels) if labels is not None else None
+    bits, run_dtype = training_quantization(adapter_dir, bits)
+    task = "seq-cls" if seq_cls else "causal-lm"
+    base, tokenizer = load_model_and_tokenizer(str(model_dir), task, num_labels, run_dtype, bits, keep=HEADS)
     take_run_chat_template(tokenizer, adapter_dir)  # the merged model chats as it was trained to
     base_config = read_json_object(model_dir / "config.json")
     target = DTYPES[dtype] if dtype is not None else own_dtype(base_config, base)
-    if base.dtype != target:
+    if base.dtype != target and not bits:  # (a quantized base is merged in float32 by merge_and_unload)
         base.to(torch.float32)  # merged in float32, then rounded once to the target
     try:
         load_adapter(base, adapter_dir)
     except ValueError as error:
         raise ValueError(f"the adapter in {adapter_dir} does not fit the model in {model_dir}: {error}") from None
-    merged = merge_and_unload(base)  # a tied weight under the adapter: its one-line ValueError goes through
+    merged = merge_and_unload(base, dequantize=bits is not None)  # a tied weight under it: its ValueError goes through
     merged.to(target)
+    check_merged(merged, target)
     merged.eval()
     if hasattr(merged.config, "use_cache"):  # loading for training turned the cache off; serving wants it
         merged.config.use_cache = base_config.get("use_cache", True)
-    if labels is not None:
-        merged.config.id2label = {i: str(label) for i, label in enumerate(labels)}
-        merged.config.label2id = {str(label): i for i, label in enumerate(labels)}
-    with atomic_dir(out) as tmp:
+    if labels is not None:  # what pipeline("text-classification") prints for each class
+        for key, value in label_config(labels).items():
+            setattr(merged.config, key, value)
+    with atomic_dir(out, commit="config.json") as tmp:  # what transformers reads first: the model is whole or absent
         save(merged, tokenizer, tmp)
     return out
+
+
+def check_merged(model: nn.Module, dtype: torch.dtype) -> None:
+    """Refuses a merged model with a weight that holds NaN or inf, before anything is written: an adapter whose
+    update is past the range of `dtype` (float16's largest is 65504), or a base that held such weights already.
+
+    Raises:
+        ValueError: the first such parameter, by name.
+    """
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ValueError(f"not writing the merged model: {name} holds NaN or inf in {dtype}")
+
+
+def training_quantization(adapter_dir: Path, bits: int | None) -> tuple[int | None, str | None]:
+    """(bits, dtype) of the base the adapter was trained on: `bits` where given, else the run's own, from its
+    train_config.json (--load-in-4bit, --load-in-8bit, --dtype); (None, None) for an unquantized base. The dtype is
+    the one the run quantized its weights from, so that the same quantized weights load again."""
+    if bits is not None and bits not in BITS:
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    try:
+        run = saved_config(adapter_dir)
+    except FileNotFoundError:
+        return bits, None
+    run_bits = 4 if run.get("load_in_4bit") else 8 if run.get("load_in_8bit") else None
+    bits = run_bits if bits is None else bits
+    return bits, run.get("dtype") if bits else None
 
 
 def save(model: nn.Module, tokenizer: Any, directory: Path) -> None:
@@ -146,19 +180,16 @@ def save(model: nn.Module, tokenizer: Any, directory: Path) -> None:
         path.chmod(mode)
 
 
-def check_output(out: Path, inputs: dict[str, Path]) -> None:
-    """Refuses an `out` that is or lies inside one of the `inputs` ({what: directory}), and an existing one that
-    is not an empty directory: an output never lands on an input, nor mixes with files already there."""
-    where = out.resolve()
-    for kind, path in inputs.items():
-        source = path.resolve()
-        if where == source or source in where.parents:
-            place = f"the {kind} directory" if where == source else f"inside the {kind} directory {path}"
-            raise ValueError(f"--out {out} is {place}: choose an --out outside the inputs")
+def check_output(out: str | os.PathLike, inputs: dict[str, Path]) -> Path:
+    """`out` as a Path, refused where it is empty, is, lies inside or contains one of the `inputs` ({what:
+    directory}) or cannot be written (lorakit.io.outputs), or exists and is not an empty directory: an output never
+    lands on an input, nor mixes with files already there."""
+    out = check_output_path(out, [(f"{kind} directory", path) for kind, path in inputs.items()])
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty: remove it or choose another --out")
+    return out
 
 
 def tensor_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -170,18 +201,24 @@ def tensor_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
         return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (not a dict)
 
 
-def read_labels(adapter_dir: Path) -> list | None:
-    """The labels in labels.json beside the adapter (class i is labels[i]), or None where there is no file."""
-    path = adapter_dir / LABELS_NAME
-    if not path.is_file():
-        return None
-    try:
-        labels = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(labels, list) or len(labels) < 2 or len({str(label) for label in labels}) != len(labels):
-        raise ValueError(f"{path} must hold a JSON list of at least two different labels")
-    return labels
+def classifier_labels(adapter_dir: Path, shapes: dict[str, tuple[int, ...]]) -> list:
+    """The labels of a seq-cls adapter, class i being labels[i]: those of labels.json beside it, else LABEL_0,
+    LABEL_1, ... (transformers' own names) for each output of the classification head it saves (`shapes`: its
+    tensors' shapes).
+
+    Raises:
+        ValueError: a bad labels.json; no labels.json and no single classification head to count the classes of.
+    """
+    labels = read_labels(adapter_dir)
+    if labels is not None:
+        return labels
+    count = head_outputs(shapes)
+    if count is None:
+        raise ValueError(
+            f"cannot tell the number of labels of the seq-cls adapter in {adapter_dir}: it saves no single "
+            f"classifier or score layer; write its labels, as a JSON list, to {adapter_dir / LABELS_NAME}"
+        )
+    return [f"LABEL_{i}" for i in range(count)]
 
 
 def head_outputs(shapes: dict[str, tuple[int, ...]]) -> int | None:

@@ -220,6 +220,8 @@ def generate_ids(
         RuntimeError: adapters merged into the base weights with `adapters` given (`lk.unmerge` first).
     """
     check_settings(max_new_tokens, temperature, top_p)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:  # what torch's generator takes
+        raise ValueError(f"the seed must be an integer in [0, 2**64), got {str(seed)[:40]}")
     if not prompts:
         raise ValueError("no prompts to generate from")
     if adapters is not None and len(adapters) != len(prompts):

@@ -3,7 +3,10 @@ entry written into an existing one.
 
 Everything lorakit writes goes to a temporary sibling first, is flushed to disk (fsync) and renamed into
 place, and the rename is flushed too, so neither a crash mid-write nor a power loss after a completed
-write leaves a half-written file where a good one stood.
+write leaves a half-written file where a good one stood. Entries written into an existing directory can appear
+as a unit (`atomic_dir(..., commit=NAME)`: an adapter's two files), a directory is removed at once (`remove_tree`),
+and what a kill interrupts is left under hidden names that `remove_leftovers` recognises. An OSError while writing
+(a full disk) names the destination, never a temporary.
 
 The temporary siblings are created with os.open / os.mkdir and the permissions a plain open() / mkdir()
 would ask for (0666 / 0777), so the kernel applies the process umask itself: lorakit never reads or
@@ -20,7 +23,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_file", "remove_leftovers", "write_text_atomic"]
+__all__ = [
+    "atomic_dir",
+    "atomic_file",
+    "cannot_write",
+    "remove_leftovers",
+    "remove_tree",
+    "write_text_atomic",
+    "writing",
+]
 
 
 TOKEN_HEX = 6  # bytes of randomness in a temporary name: 12 hex digits
@@ -36,11 +47,11 @@ def _sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
         except FileExistsError:  # a 48-bit name taken: as good as never, but never overwrite
             continue
         except OSError as error:
-            raise _naming(error, path) from None
+            raise cannot_write(error, path) from None
         return candidate
 
 
-def _naming(error: OSError, path: Path) -> OSError:
+def cannot_write(error: OSError, path: Path) -> OSError:
     """`error` as one that names `path`, what the caller asked to write, not its temporary sibling."""
     if error.errno is None:  # no system error to restate
         return error
@@ -53,7 +64,7 @@ def _rename_onto(source: Path, path: Path, named: Path | None = None) -> None:
     try:
         os.replace(source, path)
     except OSError as error:
-        raise _naming(error, path if named is None else named) from None
+        raise cannot_write(error, path if named is None else named) from None
 
 
 def _new_file(path: Path) -> None:
@@ -88,14 +99,26 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """An OSError raised while writing for `path` (a full disk, a quota) restated to name `path`: the write()
+    that fails names no file, and the temporary it writes to is no name the user knows."""
+    try:
+        yield
+    except OSError as error:
+        raise cannot_write(error, path) from None
+
+
+@contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path beside `path`; on a clean exit it is flushed to disk and renamed onto `path`."""
+    """Yields a temporary path beside `path`; on a clean exit it is flushed to disk and renamed onto `path`.
+    An OSError while writing it names `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, ".tmp", _new_file)
     try:
-        yield tmp
-        _fsync(tmp)
+        with writing(path):
+            yield tmp
+            _fsync(tmp)
         _rename_onto(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -108,33 +131,51 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields an empty temporary directory beside `path`; on a clean exit what was written there is in `path`.
+def atomic_dir(path: str | os.PathLike, commit: str | None = None) -> Iterator[Path]:
+    """Yields an empty temporary directory; on a clean exit what was written there is in `path`.
 
-    Everything written is flushed to disk first. A `path` that does not exist yet is the temporary directory
-    renamed into place: complete or absent. Into an existing `path`, each written entry is renamed over its
-    namesake, one atomic rename each, and the directory's other entries (the checkpoints and log of a
-    training run beside its adapter, say) are never moved. Every file is therefore always a complete old
-    one or a complete new one; a crash between the renames can leave some entries new and the others old
-    (a loader then refuses the mismatched pair), but never hides an entry the write did not touch.
+    Everything written is flushed to disk first, and an OSError while writing names `path`. A `path` that does not
+    exist yet is the temporary directory (made beside it) renamed into place: complete or absent. Into an existing
+    `path`, the temporary directory is made inside it (a kill leaves its leftovers there, for `remove_leftovers`),
+    and each written entry is renamed over its namesake, one atomic rename each; the directory's other entries
+    (the checkpoints and log of a training run beside its adapter, say) are never moved.
+
+    `commit` names the entry that completes the written entries as a unit (an adapter's adapter_config.json, without
+    which no reader takes its weights): its old version is removed before any entry is replaced and the new one
+    renamed in last, so that a reader who requires it finds the old unit whole, no unit, or the new one whole,
+    never an old entry beside a new one, whenever the writer is killed.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(path, ".tmp", _new_dir)
+    into = path.is_dir()
+    tmp = _sibling(path / path.name if into else path, ".tmp", _new_dir)
     try:
-        yield tmp
-        _fsync_tree(tmp)
-        if not path.exists():
+        with writing(path):
+            yield tmp
+            _fsync_tree(tmp)
+        if not into:
             _rename_onto(tmp, path)
             _fsync_dir(path.parent)
             return
-        for entry in sorted(tmp.iterdir()):
+        entries = sorted(tmp.iterdir(), key=lambda entry: (entry.name == commit, entry.name))  # the commit last
+        if commit is not None and (tmp / commit).exists() and (path / commit).exists():
+            _remove(path / commit)  # the old unit is incomplete from here on: no reader takes it any more
+            _fsync_dir(path)
+        for entry in entries:
             _replace_entry(entry, path / entry.name)
         _fsync_dir(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Removes file `path`; an error names it."""
+    try:
+        os.unlink(path)
+    except OSError as error:
+        raise cannot_write(error, path) from None
 
 
 def _replace_entry(new: Path, target: Path) -> None:
@@ -151,6 +192,16 @@ def _replace_entry(new: Path, target: Path) -> None:
         _rename_onto(aside / target.name, target)
         aside.rmdir()
         raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Removes directory `path` so that it is gone at once: renamed to a hidden leftover name first (one atomic
+    rename), then deleted. A kill during the deletion leaves a leftover for `remove_leftovers`, never a
+    half-deleted directory under its own name."""
+    path = Path(path)
+    aside = _sibling(path, ".old", _new_dir)
+    _rename_onto(path, aside / path.name, named=path)
     shutil.rmtree(aside, ignore_errors=True)
 
 

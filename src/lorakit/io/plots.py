@@ -20,9 +20,11 @@ from lorakit.io.atomic import atomic_file
 
 __all__ = [
     "error_bars_plot",
+    "layer_kinds",
     "loss_plot",
     "save_figure",
     "similarity_heatmaps",
+    "spectrum_figure",
     "spectrum_plot",
     "training_plot",
 ]
@@ -51,25 +53,71 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> None:
 def spectrum_plot(
     spectra: Mapping[str, torch.Tensor], path: str | os.PathLike, energy_fraction: float | None = None
 ) -> None:
-    """Left: singular values (log scale) of each named matrix. Right: their cumulative energy."""
-    fig, (ax_s, ax_e) = subplots(1, 2, figsize=(11, 4))
-    for name, S in spectra.items():
-        S = S.detach().double().cpu()
-        curve = lowrank.energy_of_spectrum(S).numpy()
-        S = S.numpy()
-        k = np.arange(1, S.size + 1)
-        positive = S > 0
-        ax_s.semilogy(k[positive], S[positive], marker="." if S.size < 60 else None, label=name)
-        ax_e.plot(k, curve, label=name)
+    """Writes `spectrum_figure(spectra, energy_fraction)` at `path`."""
+    save_figure(spectrum_figure(spectra, energy_fraction), path)
+
+
+LINE_STYLES = ("-", "--", ":", "-.")  # after the 10 colours of matplotlib's cycle: 40 kinds told apart
+
+
+def spectrum_figure(spectra: Mapping[str, torch.Tensor], energy_fraction: float | None = None) -> Figure:
+    """Left: singular values (log scale) of each named matrix. Right: their cumulative energy, with a dashed line at
+    `energy_fraction`. One colour per kind of layer (`layer_kinds`: q_proj of every block alike), named in a legend
+    below the plots, so that dozens of matrices read as a few kinds."""
+    kinds = layer_kinds(list(spectra))
+    entries = len(kinds) + (energy_fraction is not None)
+    longest = max(map(len, kinds), default=1)
+    columns = max(1, min(entries, 150 // (longest + 8)))  # about 150 characters of legend fit across at size 8
+    rows = -(-entries // columns)
+    fig, (ax_s, ax_e) = subplots(1, 2, figsize=(11, 4 + 0.2 * rows), layout="constrained")
+    for index, (label, names) in enumerate(kinds.items()):
+        style = {"color": f"C{index % 10}", "linestyle": LINE_STYLES[index // 10 % len(LINE_STYLES)]}
+        for name in names:
+            S = spectra[name].detach().double().cpu()
+            curve = lowrank.energy_of_spectrum(S).numpy()
+            S = S.numpy()
+            k = np.arange(1, S.size + 1)
+            positive = S > 0
+            shown = label if name == names[0] else "_nolegend_"  # one legend entry per kind
+            ax_s.semilogy(k[positive], S[positive], marker="." if S.size < 60 else None, label=shown, **style)
+            ax_e.plot(k, curve, **style)
     ax_s.set(title="Singular values", xlabel="index k", ylabel="σ_k")
     ax_e.set(title="Cumulative energy", xlabel="k", ylabel="Σ σ² up to k / ‖M‖²_F", ylim=(0, 1.02))
     if energy_fraction is not None:
-        ax_e.axhline(energy_fraction, color="grey", linestyle="--", linewidth=1, label=f"{energy_fraction:g}")
+        ax_e.axhline(
+            energy_fraction, color="grey", linestyle="--", linewidth=1, label=f"{energy_fraction:g} of the energy"
+        )
     for ax in (ax_s, ax_e):
         ax.grid(alpha=0.3)
-    if len(spectra) <= 12:
-        ax_e.legend(fontsize=8)
-    save_figure(fig, path)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # k counts singular values
+    if kinds:
+        fig.legend(loc="outside lower center", ncols=columns, fontsize=8)
+    return fig
+
+
+def layer_kinds(names: Sequence[str]) -> dict[str, list[str]]:
+    """{label: names} of the kinds of layer among `names`, in order of appearance: a kind is a name with its layer
+    numbers as "*" ("model.layers.*.self_attn.q_proj"), labelled without the dotted start and end that every kind
+    shares ("self_attn.q_proj") and with its count ("self_attn.q_proj (×24)")."""
+    kinds: dict[tuple[str, ...], list[str]] = {}
+    for name in names:
+        kinds.setdefault(tuple("*" if part.isdigit() else part for part in name.split(".")), []).append(name)
+    start = end = 0
+    if len(kinds) > 1:  # what every kind shares, leaving at least one part of the shortest
+        shortest = min(map(len, kinds))
+        start = min(_shared_start(list(kinds)), shortest - 1)
+        end = min(_shared_start([kind[::-1] for kind in kinds]), shortest - 1 - start)
+    labelled = {}
+    for kind, members in kinds.items():
+        label = ".".join(kind[start : len(kind) - end])
+        labelled[label if len(members) == 1 else f"{label} (×{len(members)})"] = members
+    return labelled
+
+
+def _shared_start(sequences: list[tuple[str, ...]]) -> int:
+    """How many leading parts all `sequences` share."""
+    columns = zip(*sequences, strict=False)  # up to the shortest
+    return next((i for i, parts in enumerate(columns) if len(set(parts)) > 1), min(map(len, sequences)))
 
 
 def error_bars_plot(errors: Mapping[str, Sequence[int]], highlight: int, path: str | os.PathLike) -> None:

@@ -1,5 +1,7 @@
 """Looking inside stored adapters: each layer's spectrum and rank (`inspect`), and how two adapters'
-updates overlap (`compare`, the LoRA paper's section 7), from the factors alone."""
+updates overlap (`compare`, the LoRA paper's section 7), from the factors alone. The tensors beside the factors
+(a classifier's modules_to_save copy, trained biases) are no update of a weight: `AdapterState.extras` lists them,
+and neither function looks at them."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from lorakit import lowrank
 from lorakit.engine.peft_format import config_from_peft
-from lorakit.tools.stored import AdapterState, LayerFactors, as_state, check_same_shapes
+from lorakit.tools.stored import AdapterState, LayerFactors, as_state, check_same_base, check_same_shapes
 
 __all__ = ["compare", "inspect", "rounding_tolerance"]
 
@@ -53,7 +55,8 @@ def inspect(adapter: str | os.PathLike | AdapterState) -> Iterator[dict[str, Any
     state = as_state(adapter)
     config = config_from_peft(state.config)
     for layer in state.layers():
-        _, S, _ = lowrank.factored_svd(layer.B, layer.A, layer.scale)  # in float64, whatever the factors' dtype
+        # in float64, whatever the factors' dtype
+        _, S, _ = lowrank.factored_svd(layer.B, layer.A, layer.scale, f"the update of layer {layer.path}")
         shape = (layer.B.shape[0], layer.A.shape[1])
         tol = max(lowrank.default_tolerance(S, shape), rounding_tolerance(layer))
         yield {
@@ -87,12 +90,13 @@ def compare(
         either update is zero).
 
     Raises:
-        ValueError: the adapters share no layer; a shared layer's shapes differ; an adapter directory or
-            AdapterState that `AdapterState.load` or `AdapterState.layers` refuses.
+        ValueError: the adapters are for different base models, or share no layer; a shared layer's shapes
+            differ; an adapter directory or AdapterState that `AdapterState.load` or `AdapterState.layers` refuses.
         FileNotFoundError: no adapter directory, or one without its files.
     """
-    one = {layer.path: layer for layer in as_state(first).layers()}
-    two = {layer.path: layer for layer in as_state(second).layers()}
+    states = [as_state(first), as_state(second)]
+    check_same_base(states)
+    one, two = ({layer.path: layer for layer in state.layers()} for state in states)
     common = [path for path in one if path in two]
     if not common:
         raise ValueError("the two adapters share no layer")

@@ -33,7 +33,8 @@ class TensorSource:
             if index.is_file():
                 self.files = _shards(index)
             else:
-                files = sorted(self.path.glob("*.safetensors"))
+                # iterdir, not glob: an unreadable directory is a PermissionError, not a directory without weights
+                files = sorted(p for p in self.path.iterdir() if p.suffix == ".safetensors")
                 if not files:
                     raise FileNotFoundError(f"{self.path} holds no .safetensors weights")
                 self.files = {key: f for f in files for key in _keys(f)}

@@ -2,7 +2,10 @@
 
 An adapter on disk is, per layer, two factors and a scale: ΔW = s · B A with B (out × r), A (r × in).
 `AdapterState` holds one (`.load(dir)`, `.save(dir)`); `.layers()` gives each layer's factors as matrices
-(conv kernels flattened into columns) for the tools to work on.
+(conv kernels flattened into columns) for the tools to work on, and `.extras()` the tensors beside them: the
+full copies of `modules_to_save` (a classifier's head), trained biases, a base weight PEFT saved. The tools carry
+those through as they are (resize), add them up (combine) or list them (inspect), and a classifier's labels.json
+goes along.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from typing import Any
 import torch
 
 from lorakit import lowrank
-from lorakit.engine.config import check_positive_int
+from lorakit.engine.config import check_positive_int, within_target
 from lorakit.engine.peft_format import (
     CONFIG_NAME,
+    FLOAT_TYPES,
+    PEFT_PREFIX,
     a_key_parts,
     config_from_peft,
     factor_keys,
+    factor_partner,
     is_factor_key,
     peft_config_dict,
     read_adapter_config,
@@ -31,14 +37,17 @@ from lorakit.engine.peft_format import (
     write_adapter_files,
 )
 from lorakit.io.atomic import atomic_dir
+from lorakit.io.labels import LABELS_NAME, labels_json, read_labels
 
 __all__ = [
     "AdapterState",
     "LayerFactors",
     "as_state",
     "check_rank_or_energy",
+    "check_same_base",
     "check_same_shapes",
     "chosen_rank",
+    "extra_kind",
     "state_from_layers",
 ]
 
@@ -76,11 +85,13 @@ class AdapterState:
         tensors: {PEFT key: tensor}, as adapter_model.safetensors holds them.
         report: what made the adapter (the tools' per-layer ranks, errors, energy), saved as report.json beside
             it; {} for one loaded from disk.
+        labels: a classifier's labels, class i being labels[i], saved as labels.json beside it (None: none).
     """
 
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     report: dict[str, Any] = field(default_factory=dict)  # what made it (errors, energy), saved beside it
+    labels: list | None = None
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> AdapterState:
@@ -90,21 +101,22 @@ class AdapterState:
             directory: a directory with adapter_config.json and adapter_model.safetensors.
 
         Returns:
-            The adapter, with an empty report. Its factors are checked by `layers`, not here.
+            The adapter, with an empty report and the labels of labels.json beside it, if any. Its factors are
+            checked by `layers`, not here.
 
         Raises:
             FileNotFoundError: no such directory, or it lacks adapter_config.json or adapter_model.safetensors
                 (a pickled adapter_model.bin is named, never read).
             ValueError: a config that is not a JSON object, not a LoRA config, or uses an option lorakit does
-                not implement; a weights file that is not valid safetensors.
+                not implement; a weights file that is not valid safetensors; a bad labels.json.
         """
         directory = Path(directory)
         raw = read_adapter_config(directory)
         config_from_peft(raw, str(directory / CONFIG_NAME))  # validates it
-        return cls(raw, read_adapter_weights(directory))
+        return cls(raw, read_adapter_weights(directory), labels=read_labels(directory))
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Writes adapter_config.json, adapter_model.safetensors (and report.json if any), atomically.
+        """Writes adapter_config.json, adapter_model.safetensors (and report.json, labels.json if any), atomically.
 
         Args:
             directory: where the files go; created if missing. In an existing directory these files are replaced
@@ -118,10 +130,12 @@ class AdapterState:
             OSError: the files cannot be written.
         """
         directory = Path(directory)
-        with atomic_dir(directory) as tmp:
+        with atomic_dir(directory, commit=CONFIG_NAME) as tmp:  # the adapter's files appear together or not at all
             write_adapter_files(tmp, self.config, self.tensors)
             if self.report:
                 (tmp / "report.json").write_text(json.dumps(self.report, indent=2) + "\n", encoding="utf-8")
+            if self.labels is not None:
+                (tmp / LABELS_NAME).write_text(labels_json(self.labels), encoding="utf-8")
         return directory
 
     def layers(self) -> list[LayerFactors]:
@@ -132,11 +146,16 @@ class AdapterState:
             columns), the scale for the rank stored in the file, the kind of layer and the stored shapes.
 
         Raises:
-            ValueError: a config lorakit cannot read; an A factor without its B; factors that are not the two
-                factors of one rank-r update, or hold NaN or inf; no LoRA factors at all; tensors besides the
-                factors (modules_to_save copies or biases).
+            ValueError: a config lorakit cannot read, or one with target_parameters; a factor without its partner
+                (an A without its B, or the reverse); factors that are not the two factors of one rank-r update,
+                not of a floating-point dtype lorakit computes in, or hold NaN or inf; no LoRA factors at all.
         """
         config = config_from_peft(self.config)
+        if config.target_parameters:  # an expert stack's factors are E updates, not one low-rank matrix
+            raise ValueError("the adapter targets parameters (target_parameters); lorakit's SVD tools work on layers")
+        lone = next((k for k in self.tensors if is_factor_key(k) and factor_partner(k) not in self.tensors), None)
+        if lone is not None:  # a B without its A too: a layer the tools would otherwise drop without a word
+            raise ValueError(f"adapter has {lone} but no {factor_partner(lone)}")
         found = []
         for key, A in self.tensors.items():
             parts = a_key_parts(key)
@@ -153,22 +172,37 @@ class AdapterState:
             found.append(LayerFactors(path, A2, B2, scale, kind, tuple(A.shape), tuple(B.shape)))
         if not found:
             raise ValueError("the adapter has no LoRA factors")
-        extra = next((k for k in self.tensors if not is_factor_key(k)), None)
-        if extra is not None:
-            raise ValueError(
-                f"the adapter holds more than LoRA factors ({extra!r}: modules_to_save or biases); "
-                "lorakit's SVD tools work on the factors alone"
-            )
         return found
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        """The tensors besides the LoRA factors, {PEFT key: tensor} in file order: `modules_to_save` copies (a
+        classifier's head), trained biases, base weights PEFT saves beside an adapted embedding (`extra_kind`
+        tells which)."""
+        return {key: t for key, t in self.tensors.items() if not is_factor_key(key)}
+
+
+def extra_kind(key: str, config: dict[str, Any]) -> str:
+    """What a tensor besides the factors is: "modules_to_save copy", "trained bias" or "base weight" (PEFT saves
+    the whole weight of an adapted embedding or output head beside its factors), for the adapter `config`."""
+    path = key.removeprefix(PEFT_PREFIX)
+    if path.endswith(".base_layer.weight"):
+        return "base weight"
+    if within_target(config_from_peft(config).modules_to_save, path.rsplit(".", 1)[0]):  # SEQ_CLS: the head too
+        return "modules_to_save copy"
+    return "trained bias" if path.endswith("bias") else "tensor"
 
 
 def check_factors(key_A: str, A: torch.Tensor, key_B: str, B: torch.Tensor) -> None:
     """Refuses tensors that are not the two factors of one rank-r update: A (r × in ...), B (out × r [× 1 ...]),
-    r ≥ 1, all finite."""
+    no dimension 0, of one of the floating-point dtypes adapters are stored in, all finite."""
     r = A.shape[0] if A.dim() >= 2 else 0
-    if r == 0 or B.dim() < 2 or B.shape[1] != r or B[0].numel() != r:
+    if 0 in A.shape or 0 in B.shape or r == 0 or B.dim() < 2 or B.shape[1] != r or B[0].numel() != r:
         raise ValueError(
             f"{key_A} {tuple(A.shape)} and {key_B} {tuple(B.shape)} are not the two factors of one rank-r update"
+        )
+    if A.dtype not in FLOAT_TYPES or B.dtype not in FLOAT_TYPES:
+        raise ValueError(
+            f"{key_A} and {key_B} are {A.dtype} and {B.dtype}: factors are float16, bfloat16, float32 or float64"
         )
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
         raise ValueError(f"{key_A} or {key_B} holds NaN or inf")
@@ -179,12 +213,20 @@ def as_state(adapter: str | os.PathLike | AdapterState) -> AdapterState:
 
 
 def state_from_layers(
-    layers: Sequence[LayerFactors], factors: dict[str, tuple[torch.Tensor, torch.Tensor]], template: dict[str, Any]
+    layers: Sequence[LayerFactors],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    template: dict[str, Any],
+    extras: dict[str, torch.Tensor] | None = None,
 ) -> AdapterState:
-    """An adapter whose layer `path` has 2-D factors `factors[path]` at scale 1 (α = r for every layer)."""
+    """An adapter whose layer `path` has 2-D factors `factors[path]` at scale 1 (α = r for every layer), and the
+    tensors `extras` besides them (modules_to_save copies, biases), which the template's `modules_to_save` and
+    `bias` describe. Factors that hold NaN or inf (a sum or scale past their dtype's range) are refused, naming
+    the layer."""
     tensors, ranks = {}, {}
     for layer in layers:
         A, B = layer.stored(*factors[layer.path])
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):  # weights or scales past the dtype's range
+            raise ValueError(f"layer {layer.path}: the resulting factors hold NaN or inf in {A.dtype}")
         a_key, b_key = factor_keys(layer.path, layer.kind)
         tensors[a_key], tensors[b_key] = A, B
         ranks[layer.path] = A.shape[0]
@@ -201,8 +243,27 @@ def state_from_layers(
         fan_in_fan_out=template.get("fan_in_fan_out", False),
         rank_pattern=patterns,
         alpha_pattern=dict(patterns),  # α = r everywhere: every scale is 1
+        bias=template.get("bias", "none"),
+        modules_to_save=template.get("modules_to_save"),
     )
-    return AdapterState(config, tensors)
+    return AdapterState(config, {**tensors, **(extras or {})})
+
+
+def check_same_base(states: Sequence[AdapterState]) -> None:
+    """Refuses adapters whose configs name different base models (`base_model_name_or_path`, compared as paths:
+    "./m" and "m" are one): their layers may share names and shapes, and their sum is an adapter for no model. An
+    adapter that names none is taken to fit."""
+    named = [
+        (k, os.path.normpath(s.config["base_model_name_or_path"]))
+        for k, s in enumerate(states, start=1)
+        if isinstance(s.config.get("base_model_name_or_path"), str)
+    ]
+    for k, base in named[1:]:
+        if base != named[0][1]:
+            raise ValueError(
+                f"adapters {named[0][0]} and {k} are for different base models, {named[0][1]!r} and {base!r} "
+                "(base_model_name_or_path)"
+            )
 
 
 def check_rank_or_energy(r: int | None, energy: float | None) -> None:

@@ -5,8 +5,10 @@
         optimizer.safetensors                            optimizer state tensors and the RNG states
         trainer_state.json                               step, optimizer hyper-parameters, scheduler state
 
-A checkpoint directory appears complete or not at all (lorakit.atomic), so the newest one present is
-always usable. Nothing is pickled: tensors go to safetensors and everything else to JSON.
+A checkpoint directory appears complete or not at all (lorakit.io.atomic), an old one is renamed away before it
+is deleted, and only a directory that holds all four files counts as one, so the newest one present is always
+usable: a kill at any point of a save or of the pruning leaves hidden leftovers, which the next save removes.
+Nothing is pickled: tensors go to safetensors and everything else to JSON.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +24,28 @@ from torch import nn
 
 from lorakit.engine.adapter_files import check_adapter_tensors, write_adapter
 from lorakit.engine.model import adapter_parameters
-from lorakit.engine.peft_format import WEIGHTS_NAME
-from lorakit.io.atomic import atomic_dir, remove_leftovers
+from lorakit.engine.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.io.atomic import atomic_dir, remove_leftovers, remove_tree
 from lorakit.io.files import read_json_object, read_safetensors, write_safetensors
 
-__all__ = ["checkpoint_dirs", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["checkpoint_dirs", "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "save_checkpoint"]
 
 STATE_NAME = "trainer_state.json"
 TENSORS_NAME = "optimizer.safetensors"
+OWN_FILES = (STATE_NAME, TENSORS_NAME)  # beside the adapter's two files
 CUDA_DEVICE_KEY = re.compile(r"rng\.cuda\.\d+")  # one per device, as the saving process saw them
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
-    """The complete checkpoints in `out`, oldest first."""
+    """The complete checkpoints in `out` (each of their files there), oldest first."""
     root = Path(out) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if (p / STATE_NAME).is_file() and p.name[5:].isdigit()]
+    found = [
+        p
+        for p in root.glob("step-*")
+        if p.name[5:].isdigit() and all((p / name).is_file() for name in (WEIGHTS_NAME, CONFIG_NAME, *OWN_FILES))
+    ]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -92,10 +98,18 @@ def save_checkpoint(
         write_adapter(model, tmp)
         write_safetensors(tensors, tmp / TENSORS_NAME)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    remove_leftovers(path.parent)  # a checkpoint a kill interrupted earlier: as large as a whole one
+    prune_checkpoints(out, keep)
     return path
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Removes all but the newest `keep` checkpoints in `out`, and what killed saves and removals left there.
+
+    Each old checkpoint is renamed away first: a kill mid-deletion leaves a leftover, never half a checkpoint.
+    """
+    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+        remove_tree(old)
+    remove_leftovers(Path(out) / "checkpoints")  # as large as a checkpoint each
 
 
 def load_checkpoint(
@@ -228,6 +242,10 @@ def _rng_states(
     cpu = tensors[key]
     if cpu.dtype != torch.uint8 or cpu.shape != torch.get_rng_state().shape:
         raise ValueError(f"{key} is a {cpu.dtype} tensor of shape {tuple(cpu.shape)}, not a CPU generator state")
+    try:  # bytes of the right size that are no Mersenne Twister state: torch refuses them, tried on a scratch generator
+        torch.Generator().set_state(cpu)
+    except RuntimeError as error:
+        raise ValueError(f"{key} is not a valid CPU generator state ({error})") from None
     devices = {int(key.rsplit(".", 1)[1]): value for key, value in tensors.items() if CUDA_DEVICE_KEY.fullmatch(key)}
     own = tensors.get(f"rng.cuda.rank.{rank}")
     if own is not None and own.dtype != torch.uint8:

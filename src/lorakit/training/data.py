@@ -15,11 +15,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+from lorakit.io.untrusted import loads_json
+
+if TYPE_CHECKING:  # torch is imported by the two functions that make tensors: the flags of `lorakit finetune`
+    import torch  # come from TrainConfig, which reads this module, and `lorakit --help` needs no torch
 
 __all__ = [
     "IGNORE_INDEX",
@@ -29,6 +33,7 @@ __all__ = [
     "classification_dataset",
     "collate",
     "epoch_order",
+    "label_key",
     "label_values",
     "read_csv",
     "read_jsonl",
@@ -41,13 +46,29 @@ IGNORE_INDEX = -100  # label of positions that carry no loss (padding)
 Task = Literal["causal-lm", "seq-cls"]
 
 
-def read_records(path: str | os.PathLike, text_field: str = "text", label_field: str | None = None) -> list[dict]:
-    """[{"text": ..., "label": ...}] from a .jsonl / .json, .csv or any other (plain text) file."""
+def read_records(
+    path: str | os.PathLike, text_field: str = "text", label_field: str | None = None, labels_required: bool = True
+) -> list[dict]:
+    """[{"text": ..., "label": ...}] from a .jsonl / .json, .csv or any other (plain text) file.
+
+    With a `label_field`, every row holds a label; with `labels_required=False` too, a file in which no row has
+    that field gives texts alone (a plain text file among them), where a task that learns labels refuses it and
+    says which flag to add.
+    """
     refusal = "a plain text file has no label field; use JSONL or CSV for labelled data"
-    refusal = refusal if label_field is not None else None
+    refusal = refusal if label_field is not None and labels_required else None
     path, rows = Path(path), read_rows(path, text_field, refusal)
     if not rows:
         raise ValueError(f"{path}: the dataset is empty")
+    if label_field is not None and not any(label_field in row for _, row in rows):
+        if not labels_required:
+            label_field = None
+        else:
+            raise ValueError(
+                f"{path}: no row has the label field {label_field!r} (line {rows[0][0]} has: "
+                f"{', '.join(map(str, rows[0][1])) or 'no field'}): --task seq-cls learns a label per text; name "
+                "the field that holds them with --label-field, or learn the texts themselves with --task causal-lm"
+            )
     records = []
     for line, row in rows:
         record = {"text": _field(row, text_field, path, line, str)}
@@ -91,18 +112,21 @@ def read_lines(path: Path) -> list[str]:
 
 
 def read_jsonl(path: Path, drop_torn_last: bool = False) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-empty line of a JSONL file; a line that is not a JSON object is a
+    """(line number, object) for each non-empty line of a JSONL file; a line that is not a JSON object, or one
+    nested too deeply or with too long a number to be read safely (lorakit.io.untrusted.loads_json), is a
     ValueError naming the file and the line. With `drop_torn_last`, a last line that is not valid JSON is
     dropped instead: the one a process killed mid-write leaves torn."""
     lines = [(number, line) for number, line in enumerate(read_lines(path), start=1) if line.strip()]
     rows = []
     for k, (number, line) in enumerate(lines):
         try:
-            row = json.loads(line)
+            row = loads_json(line)
         except json.JSONDecodeError as error:
             if drop_torn_last and k == len(lines) - 1:
                 break
             raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+        except ValueError as error:  # valid, and too deep or too long
+            raise ValueError(f"{path}: line {number}: {error}") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}: line {number} is not a JSON object")
         rows.append((number, row))
@@ -129,9 +153,40 @@ def _field(row: dict, name: str, path: Path, line: int, types: Any) -> Any:
     return value
 
 
-def label_values(records: list[dict]) -> list:
-    """The distinct labels of seq-cls records, in a fixed order: class i is `label_values(records)[i]`."""
-    return sorted({r["label"] for r in records}, key=str)
+WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+LABEL_KINDS = {bool: "true/false", int: "an integer", str: "text"}  # what a label can be (bool before int)
+
+
+def label_key(label: Any) -> tuple[str, Any]:
+    """A label with its kind: JSON's true, 1 and "1" are three labels, where Python's == and hashing make the
+    first two one."""
+    return LABEL_KINDS[type(label)], label
+
+
+def label_values(records: list[dict], where: str | os.PathLike = "the data") -> list:
+    """The distinct labels of seq-cls records in class order: class i is `label_values(records)[i]`.
+
+    Integers sort numerically, and so does text that is all whole numbers ("2" before "10", as a CSV file holds
+    them), so that class i is label i wherever the labels are 0 … n-1; other text sorts alphabetically, false
+    before true.
+
+    Raises:
+        ValueError: labels of different kinds (true/false, integers, text), naming one of each: read as one label
+            by some readers and as two by others, they would be merged or split without a word.
+    """
+    first_of_kind = {}
+    for record in records:
+        first_of_kind.setdefault(label_key(record["label"])[0], record["label"])
+    if len(first_of_kind) > 1:
+        shown = ", ".join(f"{json.dumps(value)} ({kind})" for kind, value in first_of_kind.items())
+        raise ValueError(
+            f"{where}: the labels mix kinds, {shown}: write every label the same way (all text, all integers or "
+            "all true/false)"
+        )
+    labels = {record["label"] for record in records}
+    if all(isinstance(label, str) and WHOLE_NUMBER.fullmatch(label) for label in labels):
+        return sorted(labels, key=lambda label: (int(label), label))  # "01" and "1" are two labels: both kept
+    return sorted(labels)
 
 
 @dataclass
@@ -187,21 +242,23 @@ def classification_dataset(
     """seq-cls examples: each text's tokens (cut to `max_length`) and its class id; `labels` fixes the classes
     (an eval set's must be the training set's), else they are the records' own, sorted."""
     labels = labels if labels is not None else label_values(records)
-    index = {value: i for i, value in enumerate(labels)}
-    unknown = [r["label"] for r in records if r["label"] not in index]
+    index = {label_key(value): i for i, value in enumerate(labels)}
+    unknown = [r["label"] for r in records if label_key(r["label"]) not in index]
     if unknown:
         raise ValueError(f"label {unknown[0]!r} is not one of the training labels {labels}")
     encoded = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)["input_ids"]
     for ids, r in zip(encoded, records, strict=True):
         if not ids:
             raise ValueError(f"the text {r['text']!r} has no tokens for this tokenizer")
-    examples = [Example(ids, index[r["label"]]) for ids, r in zip(encoded, records, strict=True)]
+    examples = [Example(ids, index[label_key(r["label"])]) for ids, r in zip(encoded, records, strict=True)]
     return TextDataset(examples, labels, DataStats(examples=len(examples)))
 
 
 def collate(examples: list[Example], pad_id: int, task: Task) -> dict[str, torch.Tensor]:
     """Right-padded tensors: input_ids and attention_mask (batch, L), and labels ((batch, L) with IGNORE_INDEX
     where no loss is taken, or (batch,) for seq-cls)."""
+    import torch
+
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -217,4 +274,6 @@ def collate(examples: list[Example], pad_id: int, task: Task) -> dict[str, torch
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The example order of one epoch: a permutation that depends only on (seed, epoch)."""
+    import torch
+
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))

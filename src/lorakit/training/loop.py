@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
-from dataclasses import asdict
+import warnings
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,14 +34,16 @@ from rich.console import Console
 from torch import nn
 
 from lorakit.engine.adapter_files import save_adapter
-from lorakit.engine.config import LoraConfig
+from lorakit.engine.config import LoraConfig, is_svd_init
 from lorakit.engine.model import adapter_parameters, inject, parameter_counts
-from lorakit.engine.peft_format import is_b_factor_key
-from lorakit.io.atomic import write_text_atomic
+from lorakit.engine.peft_format import CONFIG_NAME as ADAPTER_CONFIG_NAME
+from lorakit.engine.peft_format import WEIGHTS_NAME, is_b_factor_key
+from lorakit.io.atomic import remove_tree, write_text_atomic
 from lorakit.io.console import make_console, make_progress
+from lorakit.io.labels import LABELS_NAME, labels_json
 from lorakit.training.chat import language_dataset, load_chat_template, read_conversations
 from lorakit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lorakit.training.config import TrainConfig, TrainResult
+from lorakit.training.config import CONFIG_NAME, TrainConfig, TrainResult, settings_to_save
 from lorakit.training.data import (
     IGNORE_INDEX,
     Example,
@@ -50,13 +52,35 @@ from lorakit.training.data import (
     epoch_order,
     label_values,
     read_records,
+    read_rows,
 )
 from lorakit.training.distributed import fully_shard_api, start_processes
 from lorakit.training.metrics import METRICS_NAME, append_metrics, keep_metrics_until, read_metrics
-from lorakit.training.models import CHAT_TEMPLATE_NAME, load_model_and_tokenizer, local_model_dir, max_positions
+from lorakit.training.models import (
+    CHAT_TEMPLATE_NAME,
+    encoder_only_type,
+    load_model_and_tokenizer,
+    local_model_dir,
+    max_positions,
+)
+from lorakit.training.ownership import owned_out
 from lorakit.training.packing import check_packing, collate_packed, pack_examples
 
-__all__ = ["Trainer", "linear_schedule", "loss_count", "loss_sum", "train"]
+__all__ = ["RUN_FILES", "Trainer", "linear_schedule", "loss_count", "loss_sum", "train"]
+
+PLOT_NAME = "loss.png"
+# what a run writes into --out: a new run removes an earlier run's (with --overwrite where it had finished or saved
+# checkpoints), so that nothing of it is left beside the new adapter
+RUN_FILES = (
+    ADAPTER_CONFIG_NAME,
+    WEIGHTS_NAME,
+    CONFIG_NAME,
+    METRICS_NAME,
+    PLOT_NAME,
+    LABELS_NAME,
+    CHAT_TEMPLATE_NAME,
+    "checkpoints",
+)
 
 
 # -- the loss ---------------------------------------------------------------------------------------
@@ -98,28 +122,19 @@ class Trainer:
         if config.fsdp:
             fully_shard_api()  # an old torch is refused before anything loads
         self.procs = start_processes()
-        self.out = Path(config.out)
-        if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"--out {self.out} exists and is not a directory")
+        self.out = Path(config.out)  # checked and locked by `train` (lorakit.training.ownership)
         # everything that can fail on bad input happens here, before any file is written
-        # A new run into an --out with checkpoints: a later --resume would take up the earlier run's as its own.
         # Rank 0 writes, so its --out decides, for every rank at once (each node may have an --out of its own).
-        earlier = None if config.resume else latest_checkpoint(self.out)
-        if self.procs.all_sum([float(self.procs.main and earlier is not None)])[0]:
-            finished = (self.out / "train_config.json").is_file()  # written when a run ends
-            raise ValueError(
-                f"{self.out} holds checkpoints of an earlier run{f' ({earlier.name})' if earlier else ''}"
-                f"{', which finished' if finished else ''}: add --resume to continue it"
-                f"{' with more --steps' if finished else ''}, or remove {self.out / 'checkpoints'} (or choose another "
-                "--out) to start over"
-            )
+        refusal = None if config.overwrite else self.earlier_run()
+        if self.procs.all_sum([float(self.procs.main and refusal is not None)])[0]:
+            raise ValueError(refusal or f"{self.out} holds an earlier run (the first process names it)")
         # the data files (and a chat template) are read and checked before the model loads
         if config.task == "seq-cls":
             records = read_records(config.data, config.text_field, config.label_field)
             eval_records = (
                 read_records(config.eval_data, config.text_field, config.label_field) if config.eval_data else []
             )
-            labels = label_values(records)
+            labels = label_values(records, config.data)
             if len(labels) < 2:
                 raise ValueError(
                     f"{config.data}: seq-cls needs at least two different labels, and all are {labels[0]!r}"
@@ -131,10 +146,32 @@ class Trainer:
             )
             template = load_chat_template(config.chat_template) if config.chat_template else None
             labels = None
+            self.check_decoder()
         torch.manual_seed(config.seed)
+        heads = ["classifier", "score"] if config.task == "seq-cls" else []  # trained in full: never quantized
         self.model, self.tokenizer = load_model_and_tokenizer(
-            config.model, config.task, len(labels) if labels else None
+            config.model,
+            config.task,
+            len(labels) if labels else None,
+            config.dtype,
+            config.bits,
+            keep=[*(config.modules_to_save or []), *heads],
         )
+        # A lower-precision base runs under autocast, with the adapter in float32 (as PEFT): the optimizer's small
+        # updates of bfloat16 factors would round away (8 bits of mantissa) and stall the training.
+        self.base_dtype = self.model.dtype
+        # float16 gradients underflow: the loss is scaled up before backward, and the step skipped on inf (PEFT and
+        # transformers' Trainer alike)
+        self.scaler = torch.amp.GradScaler(self.procs.device.type, enabled=self.base_dtype == torch.float16)
+        if config.gradient_checkpointing:
+            if not getattr(self.model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"{type(self.model).__name__} does not support --gradient-checkpointing")
+            # non-reentrant: gradients reach the adapter inside each block although the block's input needs none
+            options = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
         limit = max_positions(self.model, self.tokenizer)
         max_length = config.max_length if limit is None else min(config.max_length, limit)
         if config.task == "seq-cls":
@@ -164,9 +201,16 @@ class Trainer:
             alpha=config.alpha,
             target_modules=config.targets,
             dropout=config.dropout,
+            init=config.init,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+            modules_to_save=config.modules_to_save,
             task_type="SEQ_CLS" if config.task == "seq-cls" else "CAUSAL_LM",
         )
         inject(self.model, lora)
+        with torch.no_grad():
+            for p in adapter_parameters(self.model).values():
+                p.data = p.data.float()  # the adapter in float32, whatever the base (see base_dtype)
         if config.packing:  # attention that a 4-D mask cannot confine is refused before any step
             check_packing(self.model, max_length)
         self.model.to(self.procs.device)
@@ -179,6 +223,57 @@ class Trainer:
         if config.resume:
             self._resume()
         self.trained = self._distribute()
+
+    def earlier_run(self) -> str | None:
+        """Why this run may not start in --out, or None: a new run there would replace a finished run's adapter,
+        or leave checkpoints that a later --resume would take up as its own; a --resume needs checkpoints (or
+        nothing of a run yet) to continue from."""
+        checkpoint = latest_checkpoint(self.out)
+        finished = (self.out / WEIGHTS_NAME).is_file()  # the adapter a run writes when it ends
+        if self.config.resume:
+            if checkpoint is None and finished:
+                return (
+                    f"--resume: {self.out} holds a finished run without checkpoints (trained without --save-every): "
+                    "there is nothing to continue from; use --overwrite instead to train it again from the start"
+                )
+            return None
+        if checkpoint is not None:
+            which, more = (", which finished", " with more --steps") if finished else ("", "")
+            return (
+                f"{self.out} holds checkpoints of an earlier run ({checkpoint.name}){which}: add --resume to continue "
+                f"it{more}, or --overwrite to start over (which removes the earlier run's files), or choose another "
+                "--out"
+            )
+        if finished:
+            return (
+                f"{self.out} holds the adapter of an earlier run: add --overwrite to replace it (which removes the "
+                "earlier run's files), or choose another --out"
+            )
+        return None
+
+    def check_decoder(self) -> None:
+        """Refuses causal-lm on an encoder-only model (BERT, MiniLM, ...), which reads the whole text at once and
+        so cannot learn to continue it, saying which flag to add where the data holds labels."""
+        model_type = encoder_only_type(self.config.model)
+        if model_type is None:
+            return
+        c = self.config
+        labelled = any(c.label_field in row for _, row in read_rows(c.data, c.text_field))
+        what = (
+            f"{c.model} is an encoder-only model ({model_type}), which --task causal-lm cannot train to continue text"
+        )
+        if labelled:
+            raise ValueError(
+                f"{what}, and {c.data} has labels (field {c.label_field!r}): add --task seq-cls to learn them"
+            )
+        raise ValueError(f"{what}: use a decoder model (GPT, Llama, ...), or --task seq-cls with labelled data")
+
+    def autocast(self) -> AbstractContextManager:
+        """Mixed precision on a bfloat16 or float16 base: each op in the base's dtype where autocast deems it safe,
+        the float32 adapter cast on the way in (its parameters, gradients and optimizer state stay float32)."""
+        if self.base_dtype not in (torch.bfloat16, torch.float16):
+            return nullcontext()
+        return torch.autocast(self.procs.device.type, dtype=self.base_dtype)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """AdamW; with lr_ratio ≠ 1, LoRA+ (Hayou et al. 2024): the B factors learn lr_ratio times faster.
@@ -203,6 +298,8 @@ class Trainer:
         if not isinstance(then, dict):
             raise ValueError(f"{path}: its 'run' settings are not a JSON object")
         self.start_step = state["step"]
+        if self.scaler.is_enabled() and isinstance(state.get("scaler"), dict):
+            self.scaler.load_state_dict(state["scaler"])  # the loss scale float16 training had reached
         if self.start_step > self.total_steps:
             raise ValueError(
                 f"{path} is at step {self.start_step}, beyond this run's {self.total_steps} steps: --resume needs "
@@ -253,6 +350,7 @@ class Trainer:
             "examples_per_step": c.grad_accum * self.global_micro,
             "max_length": c.max_length,
             "seed": c.seed,
+            "bits": c.bits,  # the base quantized or not: other outputs, other gradients
         }
 
     def _distribute(self) -> nn.Module:
@@ -313,16 +411,18 @@ class Trainer:
             last = k == len(batches) - 1
             sync = self.trained.no_sync() if ddp and not last else nullcontext()
             with sync:
-                loss = loss_sum(logits_of(self.trained, batch), batch, self.config.task)
+                with self.autocast():
+                    loss = loss_sum(logits_of(self.trained, batch), batch, self.config.task)
                 # DDP averages gradients over processes, so scale by world to get sum / global count
-                (loss * (self.procs.world if ddp else 1) / max(total, 1)).backward()
+                self.scaler.scale(loss * (self.procs.world if ddp else 1) / max(total, 1)).backward()
             summed += loss.item()
             tokens += batch_tokens
         if self.config.fsdp and self.procs.world > 1:
             for p in self.model.parameters():
                 if p.requires_grad and p.grad is not None:
                     dist.all_reduce(p.grad)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # the optimizer's step, on unscaled gradients (skipped on inf in float16)
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         summed, tokens = self.procs.all_sum([summed, float(tokens)])
@@ -347,7 +447,8 @@ class Trainer:
             indices = mine[start : start + size]
             examples = [self.eval_set.examples[i] for i in indices or [0]]
             batch = {k: v.to(self.procs.device) for k, v in collate(examples, pad, self.config.task).items()}
-            logits = logits_of(self.trained, batch)  # one forward pass serves the loss and the accuracy
+            with self.autocast():
+                logits = logits_of(self.trained, batch)  # one forward pass serves the loss and the accuracy
             if not indices:
                 continue
             summed += float(loss_sum(logits, batch, self.config.task))
@@ -374,6 +475,16 @@ class Trainer:
                 cut = f"{stats.truncated} example(s) cut to --max-length {self.config.max_length}"
                 self.say(f"{name.rstrip('_')} data: {cut}{dropped}")
 
+    def remove_earlier_run(self) -> None:
+        """Removes what an earlier run left in --out (its adapter, labels, log, plot, checkpoints, ...), which
+        `earlier_run` allowed: this run's files are then the only ones there. Other files are left alone."""
+        for name in RUN_FILES:
+            path = self.out / name
+            if path.is_dir() and not path.is_symlink():
+                remove_tree(path)  # gone at once: a kill mid-deletion leaves a hidden leftover, not half of it
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
     def log(self, record: dict[str, Any]) -> None:
         if self.procs.main:
             append_metrics(self.out / METRICS_NAME, record)
@@ -385,17 +496,23 @@ class Trainer:
             if torch.cuda.is_available():
                 cuda_states = self.procs.all_gather(torch.cuda.get_rng_state())  # each process's own device
         if self.procs.main:
-            save_checkpoint(
-                self.out,
-                step,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                {"run": self.run_settings()},
-                self.config.keep_checkpoints,
-                rank_states,
-                cuda_states,
-            )
+            extra = {
+                "run": self.run_settings(),
+                **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
+            }
+            with warnings.catch_warnings():  # pissa_niter_K: a resume re-runs lorakit's own seeded SVD, as needed
+                warnings.filterwarnings("ignore", "adapter .* starts from the randomized SVD")
+                save_checkpoint(
+                    self.out,
+                    step,
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    extra,
+                    self.config.keep_checkpoints,
+                    rank_states,
+                    cuda_states,
+                )
         if self.procs.world > 1:
             dist.barrier()
 
@@ -410,6 +527,9 @@ class Trainer:
         self.say(f"LoRA r={config.r}, α={config.alpha:g}: {trainable:,} trainable of {total:,} parameters")
         loss, finite_so_far = None, True
         if self.procs.main:
+            if self.start_step == 0:
+                self.remove_earlier_run()
+            write_text_atomic(self.out / CONFIG_NAME, json.dumps(settings_to_save(config), indent=2) + "\n")
             keep_metrics_until(self.out / METRICS_NAME, self.start_step)
         if self.start_step == 0:
             self.report_data()
@@ -445,16 +565,18 @@ class Trainer:
         if evaluation:
             self.say("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
         if self.procs.main:
-            save_adapter(self.model, self.out, base_model_name_or_path=config.model)
-            write_text_atomic(self.out / "train_config.json", json.dumps(asdict(config), indent=2) + "\n")
-            if self.train_set.labels is not None:
-                write_text_atomic(self.out / "labels.json", json.dumps(self.train_set.labels) + "\n")
+            if self.train_set.labels is not None:  # before the adapter: a finished adapter always has its labels
+                write_text_atomic(self.out / LABELS_NAME, labels_json(self.train_set.labels))
             if config.chat_template:  # generate and merge render prompts with it, as the training data was
                 write_text_atomic(self.out / CHAT_TEMPLATE_NAME, self.tokenizer.chat_template)
+            # an adapter started from the weight (PiSSA, ...) as the equivalent plain LoRA, for an untouched base
+            save_adapter(
+                self.model, self.out, base_model_name_or_path=config.model, convert_to_lora=is_svd_init(config.init)
+            )
             from lorakit.io.plots import training_plot  # matplotlib only where a plot is drawn
 
-            training_plot(read_metrics(self.out / METRICS_NAME), self.out / "loss.png")
-            self.say(f"adapter saved in {self.out}/ (loss plot: {self.out / 'loss.png'})")
+            training_plot(read_metrics(self.out / METRICS_NAME), self.out / PLOT_NAME)
+            self.say(f"adapter saved in {self.out}/ (loss plot: {self.out / PLOT_NAME})")
         if self.procs.owns_group:
             self.procs.end()
         elif self.procs.world > 1:
@@ -472,8 +594,10 @@ def linear_schedule(step: int, warmup: int, total: int) -> float:
 def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     """Fine-tunes `config.model` with LoRA on `config.data` and writes a PEFT-format adapter to `config.out`.
 
-    Beside the adapter, `config.out` gets metrics.jsonl, loss.png, train_config.json (labels.json for seq-cls)
-    and, with `save_every`, checkpoints/. Under torchrun only rank 0 writes.
+    Beside the adapter, `config.out` gets metrics.jsonl, loss.png, train_config.json (written as the run starts;
+    `saved_config` reads it back), labels.json for seq-cls and, with `save_every`, checkpoints/. A new run first
+    removes what an earlier one left there (RUN_FILES), which `overwrite` allows where that run had finished or
+    saved checkpoints. Under torchrun only rank 0 writes.
 
     Args:
         config: the run's settings (see TrainConfig, or `lorakit finetune --help`).
@@ -483,11 +607,20 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         The run's directory, step count, last training loss, final eval metrics and wall-clock seconds.
 
     Raises:
-        ValueError: `config.out` is a file, or holds checkpoints of an earlier run and `resume` is off; data
-            that cannot be read (empty, not UTF-8, bad JSON or CSV, a missing or empty field); seq-cls data with
-            fewer than two labels, or eval labels the training data lacks; too few examples for one optimizer
-            step; a model directory or hub name transformers cannot load; `targets` that match no module; a
-            checkpoint to resume from that does not fit this run or is past its steps; `fsdp` on torch < 2.6.
+        ValueError: `config.out` is empty, a file, the model, data or another input (or inside or around one),
+            is in use by another run (refused at once, naming it), or holds an earlier run's checkpoints or
+            finished adapter and neither `resume` nor `overwrite` is on (with `resume`: a finished run without
+            checkpoints); data that cannot be read (empty, not UTF-8, bad JSON or CSV, a missing or empty
+            field); seq-cls data without labels, with fewer than two, of mixed kinds, or eval labels the training
+            data lacks; causal-lm on an encoder-only model; too few examples for one optimizer step; a model
+            directory or hub name transformers cannot load, or one without gradient checkpointing where it is
+            asked for; `targets` that match no module; a checkpoint to resume from that does not fit this run or
+            is past its steps; `fsdp` on torch < 2.6.
         FileNotFoundError: no data or eval data file, or no local model directory at `config.model`.
+        OSError: `config.out` cannot be written (found before anything loads), or a write fails (naming its file).
+
+    Warns:
+        UserWarning: a name of a `targets` list that matches no module (lk.inject's warning).
     """
-    return Trainer(config, console).run()
+    with owned_out(config):  # --out checked against the inputs, locked for the run, cleared of its own leftovers
+        return Trainer(config, console).run()

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+
+from lorakit.training.quantize import quantize_linears
 
 __all__ = [
     "CHAT_TEMPLATE_NAME",
+    "encoder_only_type",
     "load_model_and_tokenizer",
     "local_model_dir",
     "max_positions",
@@ -34,8 +39,37 @@ def local_model_dir(name: str) -> Path | None:
     return None
 
 
-def load_model_and_tokenizer(path: str, task: str, num_labels: int | None) -> tuple[nn.Module, Any]:
-    """A transformers model and its tokenizer from a local directory (or a hub name, where there is network)."""
+def encoder_only_type(path: str) -> str | None:
+    """The model type of the model at `path` where it is encoder-only (bert, roberta, deberta-v2, ...): it reads a
+    whole text at once and was trained to fill in masked words, not to continue a text; None for any other model,
+    or a config transformers cannot read (loading the model then says why)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    local = local_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(path if local is None else str(local))
+    except Exception:  # whatever transformers raises on a directory it cannot read
+        return None
+    # BERT-like families have a causal-LM class too, usable only with is_decoder=True in their config
+    decoder = getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False)
+    return config.model_type if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not decoder else None
+
+
+def load_model_and_tokenizer(
+    path: str,
+    task: str,
+    num_labels: int | None,
+    dtype: str | None = None,
+    bits: int | None = None,
+    keep: Sequence[str] = (),
+) -> tuple[nn.Module, Any]:
+    """A transformers model and its tokenizer from a local directory (or a hub name, where there is network), the
+    weights in `dtype` ("float32", "bfloat16", "float16"; None: the dtype its config states, else its weights').
+
+    With `bits` (4 or 8), the linear layers but the output head and the modules in `keep` are quantized by
+    bitsandbytes, one at a time as the weights are read (lorakit.training.quantize), the 4-bit ones computing in
+    `dtype`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -50,19 +84,22 @@ def load_model_and_tokenizer(path: str, task: str, num_labels: int | None) -> tu
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        # safetensors only: a pytorch_model.bin is a pickle, which can run code when it is read
+        # safetensors only: a pytorch_model.bin is a pickle, which can run code when it is read;
+        # torch_dtype: what transformers 4.50 to 5 all read ("dtype" came in 4.56)
+        # quantized: loaded as stored (mapped from the file, not converted) and quantized from there
+        loading = {"use_safetensors": True, "torch_dtype": getattr(torch, dtype) if dtype and not bits else "auto"}
         if task == "seq-cls":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=num_labels, use_safetensors=True
-            )
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **loading)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(source, **loading)
     except Exception as error:  # transformers raises many kinds; each means this directory is bad
         message = " ".join(str(error).split()) or type(error).__name__  # one line, even from a multi-line error
         raise ValueError(f"cannot load the model or tokenizer from {path}: {message}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    if bits:
+        quantize_linears(model, bits, getattr(torch, dtype) if dtype else None, keep)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token_id is None:
