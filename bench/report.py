@@ -77,21 +77,21 @@ def qlora_section(results: dict) -> list[str]:
         "",
         f"Produced by `{results['command']}`, {results['threads']} threads, torch {results['torch']}. Llama-shaped, "
         "374 M parameters from a config (hidden 1024, intermediate 2816, 24 layers, vocab 32000, untied), LoRA "
-        "r = 16 on every linear layer but the output head, three AdamW steps of 1 × 256 tokens, float32 compute. "
-        "Each candidate in a fresh process; *peak* is its `ru_maxrss` (from its imports to its last step, loading "
-        "and quantizing included, glibc's allocator at its defaults), *loaded* and *after steps* its resident "
-        "memory at those points. bench/qlora.py says what each candidate runs.",
+        "r = 16 on every linear layer but the output head, two AdamW steps of 1 × 256 tokens, float32 compute. "
+        "Each candidate in a fresh process, one at a time; *peak* is its `ru_maxrss` (the kernel's high-water mark "
+        "of its resident memory, from its imports to its last step, loading and quantizing included), *loaded* and "
+        "*after steps* its resident memory at those points (/proc/self/statm). bench/qlora.py says what each "
+        "candidate runs; bench/NOTES.md, what the figures are made of.",
         "",
     ]
     for name, setting in results["settings"].items():
-        lines += [f"### {name}", "", "| candidate | peak | loaded | after steps | loss, steps 1–3 | load | step |"]
+        lines += [f"### {name}", "", "| candidate | peak | loaded | after steps | losses | load | fastest step |"]
         lines.append("|---|---|---|---|---|---|---|")
         for candidate, f in setting["candidates"].items():
             losses = " ".join(f"{loss:.3f}" for loss in f["losses"])
-            step = sorted(f["step_seconds"])[len(f["step_seconds"]) // 2]
             lines.append(
                 f"| {candidate} | {gib(f['peak'])} | {gib(f['loaded'])} | {gib(f['after_steps'])} | {losses} | "
-                f"{f['load_seconds']:.0f} s | {step:.1f} s |"
+                f"{f['load_seconds']:.0f} s | {min(f['step_seconds']):.1f} s |"
             )
         lines += ["", "| ratio of peaks | value | target | met |", "|---|---|---|---|"]
         for ratio, r in setting["ratios"].items():

@@ -194,6 +194,7 @@ CASES = {
     "rank-plot-onto-its-file": (lambda d: ["rank", weights_file(d, "m"), "--plot", d / "m.safetensors"], "is the"),
     "study-out-is-the-model": (lambda d: ["study", *study_inputs(d), "--out", d / "model"], "is the model directory"),
     "study-out-around-the-data": (lambda d: ["study", *study_inputs(d), "--out", d], "contains the model directory"),
+    "npy-header-1e9x1e6": (lambda d: ["rank", forged_npy(d)], "its header announces shape (1000000000, 1000000)"),
     "out-unwritable": (
         lambda d: ["resize", adapter_dir(d), "--rank", "1", "--out", "/proc/lorakit/out"],
         "cannot write /proc/lorakit/out",
@@ -210,6 +211,17 @@ def two(d: Path) -> list[Path]:
     one.save(d / "one")
     two_.save(d / "two")
     return [d / "one", d / "two"]
+
+
+def forged_npy(d: Path) -> Path:
+    """A .npy file of 64 bytes of data whose header claims a (1e9, 1e6) float64 array: 8 PB."""
+    import numpy as np
+
+    with open(d / "forged.npy", "wb") as handle:
+        header = {"descr": "<f8", "fortran_order": False, "shape": (10**9, 10**6)}
+        np.lib.format.write_array_header_1_0(handle, header)
+        handle.write(bytes(64))
+    return d / "forged.npy"
 
 
 def study_inputs(d: Path) -> list:

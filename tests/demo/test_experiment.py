@@ -10,6 +10,9 @@ import lorakit as lk
 from lorakit.cli import main
 from lorakit.demo.experiment import LAYERS, low_rank_view, oversized_mlp
 
+# One worker for every test of `demo_run` under `--dist loadgroup`, so that the session runs the demo once.
+pytestmark = pytest.mark.xdist_group("demo_run")
+
 
 @pytest.mark.slow
 def test_metrics_have_the_contract_keys(demo_run):

@@ -122,6 +122,12 @@ CASES = {
         {"tokens": MOE_TOKENS},
         {"target_modules": None, "target_parameters": ["moe.gate_up", "out.weight"]},
     ),
+    "parameters-llama": (
+        build_tiny_llama,
+        {"input_ids": TOKENS},
+        # [], not None: PEFT gives target_modules=None on a Llama its default q_proj and v_proj
+        {"target_modules": [], "target_parameters": ["self_attn.o_proj.weight", "mlp.up_proj.weight"]},
+    ),
     "trainable-tokens-llama": (
         build_tiny_llama,
         {"input_ids": TOKENS},
@@ -218,7 +224,13 @@ def test_a_lorakit_adapter_loads_in_peft_with_lorakit_outputs(case, tmp_path):
     )
 
 
-MERGEABLE = ["lora-bias-convs", "multihead-attention", "expert-parameters", "transposed-expert-parameters"]
+MERGEABLE = [
+    "lora-bias-convs",
+    "multihead-attention",
+    "expert-parameters",
+    "transposed-expert-parameters",
+    "parameters-llama",
+]
 MERGEABLE += ["trainable-tokens-llama", "trainable-tokens-tied-gpt2", "trainable-tokens-by-name"]
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.engine import model as engine_model
+from lorakit.engine import quantized
 from lorakit.engine.quantized import DequantizedLinear, QuantizedLoraLinear, dequantized_weight, scratch
 from lorakit.training.quantize import import_bitsandbytes, quantize_linears
 
@@ -114,6 +115,21 @@ def test_4bit_blocks_across_rows_dequantize_to_the_weight(shape):
     # double quantization)
     for block, values in zip(error.view(-1).split(64), weight.view(-1).split(64), strict=True):
         assert block.abs().max() <= 0.153 * values.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bitsandbytes_kernel_and_the_torch_path_dequantize_alike(monkeypatch, dtype, quant_type):
+    """Rows of whole blocks go through bitsandbytes' C kernel into the buffer; any other weight through torch."""
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(192, 40, compute_dtype=dtype, quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(40, 192), requires_grad=False, compress_statistics=True, quant_type=quant_type, module=layer
+    ).to("cpu")
+    assert quantized.native_4bit_kernel(layer.weight.quant_state, torch.empty(40, 192, dtype=dtype)) is not None
+    native = dequantized_weight(layer, dtype, out=torch.full((40, 192), float("nan"), dtype=dtype))
+    monkeypatch.setattr(quantized, "native_4bit_kernel", lambda state, out: None)
+    assert torch.equal(native, dequantized_weight(layer, dtype))
 
 
 # -- one layer -----------------------------------------------------------------------------------------------------
@@ -213,6 +229,7 @@ def test_mixed_batches_on_a_4bit_base_match_peft(base_dir):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=ATOL)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward(base_dir):
     def adapter_grads(checkpointing):
         model = adapted(base_dir, 4)

@@ -90,7 +90,6 @@ def test_a_kill_at_every_write_point_of_the_final_save_and_pruning_resumes_bit_f
     first = next(i for i, event in enumerate(events) if "step-000003" in event)  # the last checkpoint's save
     points = list(range(first, len(events)))  # killed after event k: from just before that save to the last one
     kinds = {event.split()[0] for event in events[first:]}
-    print(len(points), events[first:])
     # creations, renames and removals: of the last checkpoint, of the pruning of the one before, of the final save
     assert len(points) >= 12 and {"mkdir", "open", "replace", "unlink", "rmdir"} <= kinds, events[first:]
     expected = files(reference)

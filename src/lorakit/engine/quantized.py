@@ -21,6 +21,7 @@ nn.Linear holding Ŵ + Σ s·B·A instead, rounded once to the model's dtype. Do
 
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
 import threading
@@ -34,6 +35,7 @@ from torch import nn
 from lorakit.engine.layers import LoraLinear
 
 CHUNK = 1 << 16  # bytes of quantized weight dequantized at a time (whole blocks): the temporaries stay small
+NATIVE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # bitsandbytes' suffixes
 INT8_STEP = 7.874015718698502e-3  # 1 / 127, as bitsandbytes writes it: an int8 weight's unit, times its row scale
 
 __all__ = [
@@ -82,8 +84,10 @@ def dequantized_weight(
     dequantizes it (each value times its scale, in float32, then rounded to `dtype`), into `out` (out × in, `dtype`)
     or a new tensor.
 
-    The work goes in slices of CHUNK bytes, each through two small temporaries (see `scratch`): no tensor the size
-    of the weight is made but `out`, which bitsandbytes' own functions (no `out=` on the CPU) would make every call.
+    No tensor the size of the weight is made but `out`, which bitsandbytes' own functions (no `out=` on the CPU)
+    would make every call (see `scratch`): a 4-bit weight goes through bitsandbytes' C kernel into `out` where the
+    kernel reads it right (`native_4bit_kernel`), else, as an 8-bit one, through torch in slices of CHUNK bytes,
+    each with two small temporaries.
     """
     weight = module.weight if weight is None else weight
     out = torch.empty(quantized_shape(module, weight), dtype=dtype, device=weight.device) if out is None else out
@@ -92,6 +96,15 @@ def dequantized_weight(
         scales = state.absmax
         if state.nested:  # double quantization: the block scales are 8-bit themselves, around their mean
             scales = sys.modules["bitsandbytes"].functional.dequantize_blockwise(scales, state.state2) + state.offset
+        kernel = native_4bit_kernel(state, out)
+        if kernel is not None:
+            packed, scales = weight.data.view(torch.uint8).contiguous(), scales.float().contiguous()
+            rows, cols = state.shape
+            kernel(
+                *(ctypes.c_void_p(t.data_ptr()) for t in (packed, scales, out)),
+                *map(ctypes.c_longlong, (state.blocksize, rows, cols)),
+            )
+            return out
         # a byte holds two 4-bit codes, the first in its high half: its two values, for every byte at once
         codes = torch.arange(256, device=weight.device)
         pairs = torch.stack([state.code[codes >> 4], state.code[codes & 15]], dim=1).float()  # (256, 2)
@@ -113,6 +126,29 @@ def dequantized_weight(
         values = weight.data[start : start + rows] * scales[start : start + rows]
         out[start : start + rows].copy_(values.mul_(INT8_STEP))
     return out
+
+
+def native_4bit_kernel(state: Any, out: torch.Tensor) -> Any:
+    """bitsandbytes' C function that dequantizes a 4-bit weight on the CPU into a given tensor, where it reads the
+    weight as bitsandbytes wrote it, else None.
+
+    It reads the blocks row by row, so rows must hold whole blocks (bitsandbytes' own CPU op calls it whatever the
+    shape, and gets other values where blocks span rows), and bitsandbytes itself avoids it from blocks of 2048
+    values on. bitsandbytes' op allocates a new tensor each call; this function writes into the scratch buffer.
+    """
+    cols = state.shape[-1]
+    dtype = NATIVE_DTYPES.get(out.dtype)
+    if out.device.type != "cpu" or not out.is_contiguous() or dtype is None or cols % state.blocksize:
+        return None
+    if state.blocksize >= 2048 or state.quant_type not in ("nf4", "fp4"):
+        return None
+    try:
+        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+    except ImportError:  # another layout of bitsandbytes' internals: the torch path does the same work
+        return None
+    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary):
+        return None
+    return getattr(lib, f"cdequantize_blockwise_cpu_{state.quant_type}_{dtype}", None)
 
 
 def parameter_numel(p: torch.Tensor) -> int:
@@ -141,9 +177,8 @@ def scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) ->
     """A tensor of `shape` in this thread's scratch buffer for (`dtype`, `device`), grown where too small.
 
     The layers dequantize into it for the one product that needs Ŵ: a new tensor per product would cost an
-    allocation of the weight's size and its first-touch page faults every time. Measured for a 1024 → 2816 layer,
-    float32, 2 threads: bitsandbytes' dequantize_4bit, into a new tensor, 25 ms; `dequantized_weight` into this
-    buffer, 3.6 ms. The buffer stays as large as the largest weight, one layer's worth.
+    allocation of the weight's size and its first-touch page faults every time (bench/NOTES.md, "QLoRA"). The
+    buffer stays as large as the largest weight, one layer's worth.
     """
     key = (dtype, torch.device(device))
     buffer = SCRATCH.buffers.get(key)

@@ -31,6 +31,7 @@ from lorakit.engine.model import find_targets
 from lorakit.io.atomic import write_text_atomic
 from lorakit.io.console import make_console
 from lorakit.io.files import read_json_object
+from lorakit.io.lock import exclusive
 from lorakit.io.outputs import check_output
 from lorakit.study.intrinsic import METHODS, intrinsic_dimension, subspace_parameters
 from lorakit.study.points import PointStore
@@ -43,8 +44,9 @@ from lorakit.tools.inspect import compare
 
 __all__ = ["run_study"]
 
-QUICK_STEPS = {"digits": 100, "model": 40}
-QUICK_RANKS = (1, 4, 8, 64)
+QUICK_STEPS = {"digits": 60, "model": 40}
+QUICK_RANKS = (1, 8, 64)
+QUICK_GRID = (64, 1024, 16384)  # ×16 apart, and no bisection: d90 to within a factor of 16
 PAIRS = {"r8_r64": ((8, 0), (64, 0)), "r8_seeds": ((8, 0), (8, 1))}  # the similarity heatmaps: (rank, seed) pairs
 SETTINGS_NAME = "settings.json"
 
@@ -68,6 +70,12 @@ def run_study(settings: StudySettings, console: Console | None = None) -> dict:
     out = settings.out
     # never on, inside or around an input, and writable: before any work (lorakit.io.outputs)
     check_output(out, [("model directory", settings.model), ("data", settings.data), ("eval data", settings.eval_data)])
+    with exclusive(out, "--out"):  # one study per --out: a second one is refused at once, naming this one
+        return _study(settings, out, console, started)
+
+
+def _study(settings: StudySettings, out: Path, console: Console, started: float) -> dict:
+    """run_study's work, under the lock on `out`."""
     recorded = _recorded_settings(settings)
     _claim(out, recorded)
     say = console.print
@@ -125,7 +133,8 @@ def run_study(settings: StudySettings, console: Console | None = None) -> dict:
             method=method,
             targets=settings.targets,
             head=task.head,
-            bisections=1 if settings.quick else 2,
+            grid=QUICK_GRID if settings.quick else None,
+            bisections=0 if settings.quick else 2,
             seed=settings.seed,
             done=store,
             console=console,
@@ -236,7 +245,8 @@ def _full_fine_tuning(task: Task, names: list[str], targets: list[str] | str, co
     point, model = train_full(task, names, console)
     config = LoraConfig(target_modules=lora_targets(targets), task_type=task.lora_task_type)
     paths = [path for path in find_targets(model, config) if model.get_submodule(path).weight.dim() == 2]
-    return {**point, "truncation": {"layers": paths, **truncation_sweep(model, task.evaluate, paths)}}
+    truncation = truncation_sweep(model, task.evaluate, paths, console=console)
+    return {**point, "truncation": {"layers": paths, **truncation}}
 
 
 def _truncation_table(truncation: dict, console: Console) -> None:

@@ -2,7 +2,7 @@
 
 The reference is the dense Gaussian projection (Li et al. 2018): P (D × d) with Gaussian entries and each
 column scaled to unit length. Its columns are unit vectors in random directions, nearly orthogonal to each other
-(their cosines are of order 1/√D). It takes D·d numbers: 88 GB for MiniLM's 22 M parameters and d = 1000.
+(their cosines are of order 1/√D). It takes D·d numbers: 91 GB for MiniLM's 22.7 M parameters and d = 1000.
 
 The Fastfood transform (Le, Sarlós & Smola 2013), which Li et al. and Aghajanyan et al. (2020) use for large
 models, has the same two properties from O(D) numbers in O(D log D) time:

@@ -183,17 +183,25 @@ def _d90_sentence(result: dict) -> str:
     return f"d90 = {result['d90']:,}, {parameters} (the largest d below it that failed: {low:,})"
 
 
-def _truncation_sentence(truncation: dict, threshold: float) -> str:
-    """What keeping 90% of full fine-tuning's accuracy takes when the weights are truncated, from the measurements."""
+def _truncation_sentence(truncation: dict, threshold: float, did: dict) -> str:
+    """What keeping 90% of full fine-tuning's accuracy takes when the weights are truncated, beside d90, from the
+    measurements (the page states what was measured, whichever way it comes out)."""
     enough = [row for row in truncation["fraction"] if row["metric"] >= threshold]
     if not enough:
-        return "No truncation of the sweep keeps 90% of full fine-tuning's accuracy."
-    row = min(enough, key=lambda row: row["level"])
+        kept = "No truncation of the sweep keeps 90% of full fine-tuning's accuracy"
+    else:
+        row = min(enough, key=lambda row: row["level"])
+        kept = (
+            f"The smallest truncation of the sweep that keeps 90% of full fine-tuning's accuracy keeps "
+            f"{row['level']:.0%} of each weight's full rank and {row['energy_kept']:.1%} of its energy; its factors "
+            f"would store {row['stored']:.0%} of the dense weights"
+        )
+    if not did["d90"]:
+        return kept + "."
     return (
-        f"Keeping 90% of full fine-tuning's accuracy takes k = {row['level']:.0%} of each weight's full rank, "
-        f"{row['energy_kept']:.1%} of the energy, and its factors would store {row['stored']:.0%} of the dense "
-        "weights: compare d90 above, a tiny share of the parameters. What is low-rank is the fine-tuning, not the "
-        "pre-trained weights."
+        f"{kept}. For comparison, the fine-tuning itself needed d90 = {did['d90']:,} free parameters, "
+        f"{did['d90'] / did['D']:.2g} of the {did['D']:,} it moves: how far the weights can be cut depends on the "
+        "task and is measured here, while the update's small dimension is what LoRA relies on."
     )
 
 
@@ -324,7 +332,7 @@ def write_report(results: dict, path: str | os.PathLike) -> None:
         "“Stored” is what the factored form B·A would take against the dense W.</p>",
         html_image("truncation.png", "accuracy of the truncated model"),
         html_table(["k", "rank kept", "energy kept", "stored", "accuracy"], truncation_rows),
-        f"<p>{_truncation_sentence(truncation, did['threshold'])}</p>",
+        f"<p>{_truncation_sentence(truncation, did['threshold'], did)}</p>",
     ]
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>lorakit study</title>'

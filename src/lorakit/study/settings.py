@@ -64,10 +64,12 @@ class StudySettings:
         "optimizer steps of every training run",
         type=int,
         group=OUTPUT,
-        default_text="300 for the digits, 100 for a model; 100 and 40 with --quick",
+        default_text="300 for the digits, 100 for a model; 60 and 40 with --quick",
     )
     quick: bool = option(
-        False, "a smaller study: fewer steps, ranks 1, 4, 8 and 64, one bisection (for tests)", group=OUTPUT
+        False,
+        "a smaller study: fewer steps, ranks 1, 8 and 64, d on a grid ×16 apart without bisection (for tests)",
+        group=OUTPUT,
     )
 
     def __post_init__(self) -> None:

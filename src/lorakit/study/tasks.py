@@ -36,12 +36,12 @@ from lorakit.training.models import load_model_and_tokenizer, max_positions
 __all__ = ["DIGITS_BATCH", "DIGITS_RECIPE", "TEXT_RECIPE", "Task", "digits_task", "text_task", "train_full"]
 
 DIGITS_BATCH = 64
-TEXT_BATCH = 32
+TEXT_BATCH = 16
 EVAL_BATCH = 64
 MAX_LENGTH = 128  # tokens per text
 
 DIGITS_RECIPE = Recipe(steps=300, full_lr=1e-3, lora_lr=1e-3, subspace_lr=0.1)
-TEXT_RECIPE = Recipe(steps=100, full_lr=5e-5, lora_lr=1e-3, subspace_lr=0.02)
+TEXT_RECIPE = Recipe(steps=100, full_lr=1e-4, lora_lr=1e-3, subspace_lr=0.02)
 
 
 @dataclass

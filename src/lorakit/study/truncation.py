@@ -14,9 +14,11 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from lorakit import lowrank
+from lorakit.io.console import make_console, make_progress
 
 __all__ = ["ENERGIES", "FRACTIONS", "truncation_sweep"]
 
@@ -30,6 +32,7 @@ def truncation_sweep(
     paths: Sequence[str],
     fractions: Sequence[float] = FRACTIONS,
     energies: Sequence[float] = ENERGIES,
+    console: Console | None = None,
 ) -> dict[str, list[dict]]:
     """The metric of `model` with the weight of each module in `paths` cut to rank k, at every level.
 
@@ -41,6 +44,7 @@ def truncation_sweep(
         paths: the modules whose 2-D `.weight` is truncated (Linear layers, say).
         fractions: levels as a fraction of each matrix's full rank (k = ⌈fraction · min(m, n)⌉).
         energies: levels as the share of each matrix's energy kept (k = the fewest singular values holding it).
+        console: where the progress over the levels goes (None: stderr).
 
     Returns:
         {"fraction": [...], "energy": [...]}, one row per level: {"level", "metric", "rank_kept" (Σk / Σ min(m, n)),
@@ -61,26 +65,32 @@ def truncation_sweep(
     total_energy = sum(float(S.square().sum()) for _, S, _ in svds.values())
     dense = sum(W.numel() for W in weights.values())
 
+    progress = make_progress(console or make_console(stderr=True))
+    bar = progress.add_task("truncated weights, evaluated", total=len(fractions) + len(energies))
+
     def measure(level: float, ranks: dict[str, int]) -> dict:
         with torch.no_grad():
             for path, W in weights.items():
                 A, B = lowrank.truncated_factors(*svds[path], ranks[path])  # B @ A: the rank-k truncation
                 W.copy_(B @ A)
-        return {
+        row = {
             "level": level,
             "metric": evaluate(model),
             "rank_kept": sum(ranks.values()) / full_rank,
             "energy_kept": sum(float(svds[p][1][: ranks[p]].square().sum()) for p in weights) / total_energy,
             "stored": sum(ranks[p] * sum(W.shape) for p, W in weights.items()) / dense,
         }
+        progress.advance(bar)
+        return row
 
     try:
-        by_fraction = [
-            measure(f, {p: max(1, math.ceil(f * min(W.shape))) for p, W in weights.items()}) for f in fractions
-        ]
-        by_energy = [
-            measure(e, {p: lowrank.rank_for_energy_of_spectrum(svds[p][1], e) for p in weights}) for e in energies
-        ]
+        with progress:
+            by_fraction = [
+                measure(f, {p: max(1, math.ceil(f * min(W.shape))) for p, W in weights.items()}) for f in fractions
+            ]
+            by_energy = [
+                measure(e, {p: lowrank.rank_for_energy_of_spectrum(svds[p][1], e) for p in weights}) for e in energies
+            ]
     finally:
         with torch.no_grad():
             for path, W in weights.items():

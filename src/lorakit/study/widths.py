@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from lorakit.demo.experiment import Digits, load_digits_split
 from lorakit.demo.experiment import evaluate as digits_accuracy
+from lorakit.demo.experiment import load_digits_split
 from lorakit.io.console import make_console
 from lorakit.study.intrinsic import intrinsic_dimension
 from lorakit.study.recipe import Recipe
@@ -30,7 +30,7 @@ __all__ = ["SCRATCH_RECIPE", "WIDTHS", "digits_mlp", "scratch_digits_task", "wid
 
 WIDTHS = (32, 128)  # 3,466 and 26,122 parameters: 7.5 times as many
 SCRATCH_RECIPE = Recipe(steps=400, full_lr=3e-3, lora_lr=3e-3, subspace_lr=0.1)
-GRID = (16, 32, 64, 128, 256, 512, 1024, 2048)  # ×2 apart: d90 to within a factor of √2 after one bisection
+GRID = (32, 64, 128, 256, 512, 1024, 2048)  # ×2 apart: d90 to within a factor of √2 after one bisection
 
 
 def digits_mlp(width: int) -> nn.Sequential:
@@ -66,7 +66,7 @@ def scratch_digits_task(width: int, seed: int = 0, steps: int | None = None) -> 
         batch = torch.randint(0, len(data.x_train), (DIGITS_BATCH,), generator=generator)
         return F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
 
-    def evaluate(model: nn.Module, data: Digits = data) -> float:
+    def evaluate(model: nn.Module) -> float:
         model.eval()
         return digits_accuracy(model, data)[1]
 

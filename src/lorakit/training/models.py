@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.training.quantize import quantize_linears
+from lorakit.training.quantize import map_large_allocations, quantize_linears
 
 __all__ = [
     "CHAT_TEMPLATE_NAME",
@@ -69,7 +69,8 @@ def load_model_and_tokenizer(
 
     With `bits` (4 or 8), the linear layers but the output head and the modules in `keep` are quantized by
     bitsandbytes, one at a time as the weights are read (lorakit.training.quantize), the 4-bit ones computing in
-    `dtype`."""
+    `dtype`, and glibc's allocator maps every block from 128 KiB on for the rest of the process
+    (`map_large_allocations`), so that memory is what QLoRA saves."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -79,6 +80,8 @@ def load_model_and_tokenizer(
     if local is not None and not (local / "config.json").is_file():
         raise ValueError(f"{path} is not a transformers model directory (no config.json)")
     source = path if local is None else str(local)
+    if bits:  # from here on: the steps' activations must not pile up in glibc's heap (lorakit.training.quantize)
+        map_large_allocations()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here: LoRA trains it
     hf_logging.disable_progress_bar()

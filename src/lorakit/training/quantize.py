@@ -16,6 +16,13 @@ it. Quantizing reads each weight once; its pages are then handed back to the ker
 pages wholly inside the weight: clean pages of a file mapping are dropped, to be read again if ever touched, and
 nothing is lost), so that the full-precision weights are never all resident at once: loading peaks at the
 quantized model plus one layer's weight, where transformers' own quantizing load keeps every page it read.
+
+Once the weights are small, glibc's allocator is the next cost: it serves blocks under its mmap threshold from its
+heap and raises that threshold, up to 32 MiB, each time a larger mapped block is freed, so that within a step the
+activations (1 to 3 MiB each here) come to be carved from a heap whose holes it cannot give back, and a training
+step peaks at about twice the activations it keeps. `map_large_allocations` fixes the threshold at 128 KiB, its
+starting value, for the process: blocks from there on are mapped and unmapped one by one (bench/NOTES.md has
+the figures).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import platform
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -33,12 +41,14 @@ from torch import nn
 from lorakit.engine.config import within_target
 from lorakit.engine.model import output_head
 
-__all__ = ["BITS", "import_bitsandbytes", "quantize_linears", "release_pages"]
+__all__ = ["BITS", "import_bitsandbytes", "map_large_allocations", "quantize_linears", "release_pages"]
 
 BITS = (4, 8)
 BLOCK_SIZE = 64  # weights per 4-bit scale, bitsandbytes' and transformers' default
 INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold in bitsandbytes' own forward, transformers' default
 MADV_PAGEOUT = 21  # Linux 5.4 and later; older kernels refuse it, and the pages simply stay
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, kept from then on
 
 
 def import_bitsandbytes() -> ModuleType:
@@ -157,6 +167,15 @@ def release_pages(tensor: torch.Tensor) -> None:
     if end > start and file_mapped(start, end):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(MADV_PAGEOUT))
+
+
+def map_large_allocations() -> None:
+    """Fixes glibc's mmap threshold at 128 KiB for this process (see the module's docstring): every block from
+    128 KiB on is then mapped when allocated and handed back when freed, at the cost of its page faults each time.
+    Where the C library is not glibc, it does nothing."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return
+    ctypes.CDLL(None).mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(MMAP_THRESHOLD))
 
 
 def file_mapped(start: int, end: int) -> bool:
