@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/lorakit demo
 
-# --dist loadgroup: the torchrun tests share one xdist_group, so that one worker runs them one after another
+# --dist loadfile: one worker runs a file's tests, so that the torchrun tests run one after another and the
+# demo's and the study's runs, which their tests share, are made once (xdist 3.8's loadgroup ignored the groups)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/ruff check src tests bench

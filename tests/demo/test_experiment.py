@@ -5,13 +5,11 @@ import json
 import re
 
 import pytest
+from browser import check_page
 
 import lorakit as lk
 from lorakit.cli import main
 from lorakit.demo.experiment import LAYERS, low_rank_view, oversized_mlp
-
-# One worker for every test of `demo_run` under `--dist loadgroup`, so that the session runs the demo once.
-pytestmark = pytest.mark.xdist_group("demo_run")
 
 
 @pytest.mark.slow
@@ -88,3 +86,11 @@ def test_low_rank_view_with_a_rank_past_the_smallest_layer_keeps_all_energy():
     model = lk.inject(oversized_mlp(), lk.LoraConfig(r=12, target_modules=list(LAYERS)))  # linear3 is 10 × 2000
     rows, _ = low_rank_view(model, 12)
     assert [row["energy_top_12"] for row in rows][-1] == 1.0
+
+
+@pytest.mark.slow
+def test_the_report_loads_cleanly_in_a_browser_at_1280_px(demo_run):
+    out, _ = demo_run
+    check = check_page(out / "report.html")  # tests/browser.py: images, console errors, width
+    assert check.problems() == []
+    assert check.images >= 3

@@ -11,9 +11,6 @@ from browser import check_page
 
 from lorakit.cli import main
 
-# One worker for the whole module under `--dist loadgroup`, so that the session runs the quick study once.
-pytestmark = pytest.mark.xdist_group("quick_study")
-
 PLOTS = ("parameters.png", "similarity.png", "amplification.png", "truncation.png")
 
 

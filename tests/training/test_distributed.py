@@ -2,7 +2,7 @@
 
 Under torchrun: DDP and FSDP2 match one process with the same global batch, resume bit for bit, evaluate an uneven
 split without deadlock, and the command runs. Each starts processes and takes tens of seconds: all are slow, and
-`--dist loadgroup` gives them one xdist worker (their xdist_group), since two torchrun jobs at once would put four
+`make test`'s `--dist loadfile` gives them one xdist worker, since two torchrun jobs at once would put four
 processes on two cores. Without torchrun: one process, which owns no process group."""
 
 import json
@@ -25,12 +25,9 @@ from lorakit.training.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TORCHRUN_TESTS = pytest.mark.xdist_group("torchrun")
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-@TORCHRUN_TESTS
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, word_data, tmp_path, fsdp):
     common = ["--steps", "4", "--dropout", "0", "--grad-accum", "2"]
     single = tmp_path / "single"
@@ -61,7 +58,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, 
 
 
 @pytest.mark.slow
-@TORCHRUN_TESTS
 def test_two_processes_with_dropout_resume_bit_for_bit_like_an_uninterrupted_run(tiny_llama, tmp_path):
     # texts of many lengths: the two processes pad to different shapes and draw different numbers of dropout
     # masks, so each process's own generator state must come back, not rank 0's
@@ -86,7 +82,6 @@ def test_two_processes_with_dropout_resume_bit_for_bit_like_an_uninterrupted_run
 
 
 @pytest.mark.slow
-@TORCHRUN_TESTS
 def test_fsdp_evaluation_over_an_uneven_split_finishes_with_the_metrics_of_one_process(tiny_llama, tmp_path):
     # 17 eval examples over 2 processes with batch 8: rank 0 has 9 (two forward passes), rank 1 has 8 (one);
     # every FSDP forward all-gathers, so rank 0's second pass must be matched or the processes deadlock
@@ -128,7 +123,6 @@ def test_fsdp_evaluation_over_an_uneven_split_finishes_with_the_metrics_of_one_p
 
 
 @pytest.mark.slow
-@TORCHRUN_TESTS
 def test_finetune_runs_under_torchrun_from_the_command_line(tiny_llama, word_data, tmp_path):
     result = run_module(finetune_args(tiny_llama, word_data, tmp_path / "run", "--steps", "2"), torchrun=2)
     assert result.returncode == 0, result.stderr[-3000:]
