@@ -33,7 +33,16 @@ from lorakit.training.data import classification_dataset, collate, label_values,
 from lorakit.training.loop import logits_of, loss_sum
 from lorakit.training.models import load_model_and_tokenizer, max_positions
 
-__all__ = ["DIGITS_BATCH", "DIGITS_RECIPE", "TEXT_RECIPE", "Task", "digits_task", "text_task", "train_full"]
+__all__ = [
+    "DIGITS_BATCH",
+    "DIGITS_RECIPE",
+    "TEXT_RECIPE",
+    "Task",
+    "digits_objective",
+    "digits_task",
+    "text_task",
+    "train_full",
+]
 
 DIGITS_BATCH = 64
 TEXT_BATCH = 16
@@ -77,6 +86,21 @@ def transposed(x: torch.Tensor) -> torch.Tensor:
     return x.view(-1, 8, 8).transpose(1, 2).reshape(-1, 64)
 
 
+def digits_objective(data: Digits) -> tuple[Loss, Evaluate]:
+    """The training loss (cross-entropy of a random batch of DIGITS_BATCH training digits) and the metric (test
+    accuracy) of a digits task on `data`."""
+
+    def loss(model: nn.Module, generator: torch.Generator) -> torch.Tensor:
+        batch = torch.randint(0, len(data.x_train), (DIGITS_BATCH,), generator=generator)
+        return F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        return digits_accuracy(model, data)[1]
+
+    return loss, evaluate
+
+
 def digits_task(seed: int, console: Console, steps: int | None = None) -> Task:
     """The demo's digit classifier, pre-trained as the demo trains it, to be fine-tuned on transposed digits.
 
@@ -99,14 +123,7 @@ def digits_task(seed: int, console: Console, steps: int | None = None) -> Task:
     task_data = Digits(transposed(data.x_train), data.y_train, transposed(data.x_test), data.y_test)
     console.print(f"the digits MLP reads {upright:.2%} of upright test digits; the task: transposed ones")
 
-    def loss(model: nn.Module, generator: torch.Generator) -> torch.Tensor:
-        batch = torch.randint(0, len(task_data.x_train), (DIGITS_BATCH,), generator=generator)
-        return F.cross_entropy(model(task_data.x_train[batch]), task_data.y_train[batch])
-
-    def evaluate(model: nn.Module) -> float:
-        model.eval()
-        return digits_accuracy(model, task_data)[1]
-
+    loss, evaluate = digits_objective(task_data)
     recipe = DIGITS_RECIPE if steps is None else replace(DIGITS_RECIPE, steps=steps)
     return Task(
         "the demo's digit classifier on transposed digits",

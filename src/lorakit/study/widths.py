@@ -15,16 +15,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from lorakit.demo.experiment import evaluate as digits_accuracy
 from lorakit.demo.experiment import load_digits_split
 from lorakit.io.console import make_console
 from lorakit.study.intrinsic import intrinsic_dimension
 from lorakit.study.recipe import Recipe
-from lorakit.study.tasks import DIGITS_BATCH, Task, train_full
+from lorakit.study.tasks import Task, digits_objective, train_full
 
 __all__ = ["SCRATCH_RECIPE", "WIDTHS", "digits_mlp", "scratch_digits_task", "width_study"]
 
@@ -62,14 +60,7 @@ def scratch_digits_task(width: int, seed: int = 0, steps: int | None = None) -> 
         torch.manual_seed(seed)
         model = digits_mlp(width)
 
-    def loss(model: nn.Module, generator: torch.Generator) -> torch.Tensor:
-        batch = torch.randint(0, len(data.x_train), (DIGITS_BATCH,), generator=generator)
-        return F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
-
-    def evaluate(model: nn.Module) -> float:
-        model.eval()
-        return digits_accuracy(model, data)[1]
-
+    loss, evaluate = digits_objective(data)
     recipe = SCRATCH_RECIPE if steps is None else replace(SCRATCH_RECIPE, steps=steps)
     return Task(
         f"a {width}-wide digits MLP from scratch",
